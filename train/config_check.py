@@ -1,0 +1,114 @@
+"""Config validation: runs before anything is built or compiled, so a bad value fails in seconds
+with a message that names the field and what is allowed."""
+
+from collections.abc import Iterable
+
+import ml_collections
+
+SCHEDULES = ("linear", "scaled_linear", "cosine")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+SAMPLERS = ("ddim", "ddpm")
+DATA_SOURCES = ("synthetic", "tar")
+TEXT_ENCODERS = ("demo", "clip")
+DTYPES = ("float32", "bfloat16")
+SPACINGS = ("leading", "trailing", "linspace")
+LR_DECAYS = ("cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the pipeline cannot use."""
+
+
+def _choice(field: str, value, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"config.{field}={value!r} is not allowed; choose one of {allowed}")
+
+
+def _positive(field: str, value, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"config.{field}={value!r} must be {bound}")
+
+
+def _probability(field: str, value) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"config.{field}={value!r} must be in [0, 1]")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError on the first field that cannot work."""
+    for section in ("data", "model", "diffusion", "optim", "train", "sample", "mesh"):
+        if section not in config:
+            raise ConfigError(f"config has no section {section!r}")
+    data, model, diffusion = config.data, config.model, config.diffusion
+    optim, train, sample = config.optim, config.train, config.sample
+
+    _choice("data.source", data.source, DATA_SOURCES)
+    if data.source == "tar" and not data.shards:
+        raise ConfigError("config.data.shards is empty; data.source='tar' needs shard paths or URLs")
+    _positive("data.image_size", data.image_size)
+    _positive("data.shuffle_buffer", data.shuffle_buffer, allow_zero=True)
+
+    unet = model.unet
+    if unet.sample_size != data.image_size:
+        raise ConfigError(
+            f"config.model.unet.sample_size={unet.sample_size} must equal "
+            f"config.data.image_size={data.image_size} (pixel-space diffusion)"
+        )
+    levels = len(unet.block_out_channels)
+    if len(unet.down_block_types) != levels or len(unet.up_block_types) != levels:
+        raise ConfigError(
+            "config.model.unet.down_block_types and up_block_types need one entry per "
+            f"block_out_channels entry ({levels})"
+        )
+    if data.image_size % (2 ** (levels - 1)):
+        raise ConfigError(
+            f"config.data.image_size={data.image_size} must be divisible by 2**{levels - 1} "
+            "(one downsample per UNet level)"
+        )
+    for channels in unet.block_out_channels:
+        if channels % unet.norm_num_groups:
+            raise ConfigError(
+                f"config.model.unet.block_out_channels entry {channels} is not divisible by "
+                f"norm_num_groups={unet.norm_num_groups}"
+            )
+    _choice("model.text_encoder.kind", model.text_encoder.kind, TEXT_ENCODERS)
+    if model.text_encoder.kind == "demo" and (
+        unet.cross_attention_dim != model.text_encoder.hidden_size
+    ):
+        raise ConfigError(
+            f"config.model.unet.cross_attention_dim={unet.cross_attention_dim} must equal "
+            f"config.model.text_encoder.hidden_size={model.text_encoder.hidden_size}"
+        )
+    _choice("model.dtype", model.dtype, DTYPES)
+
+    _choice("diffusion.schedule", diffusion.schedule, SCHEDULES)
+    _choice("diffusion.prediction_type", diffusion.prediction_type, PREDICTION_TYPES)
+    _choice("diffusion.loss_weighting", diffusion.loss_weighting, LOSS_WEIGHTINGS)
+    _positive("diffusion.num_train_timesteps", diffusion.num_train_timesteps)
+
+    _positive("optim.learning_rate", optim.learning_rate)
+    _positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)
+    _choice("optim.decay", optim.decay, LR_DECAYS)
+    _probability("optim.ema_decay", optim.ema_decay)
+    _positive("optim.grad_clip_norm", optim.grad_clip_norm, allow_zero=True)
+
+    _positive("train.global_batch_size", train.global_batch_size)
+    _positive("train.num_train_steps", train.num_train_steps)
+    _probability("train.caption_dropout_prob", train.caption_dropout_prob)
+    for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        _positive(f"train.{field}", train[field])
+    _positive("train.sample_every_steps", train.sample_every_steps, allow_zero=True)
+
+    _choice("sample.sampler", sample.sampler, SAMPLERS)
+    _choice("sample.timestep_spacing", sample.timestep_spacing, SPACINGS)
+    if not 1 <= sample.steps <= diffusion.num_train_timesteps:
+        raise ConfigError(
+            f"config.sample.steps={sample.steps} must be in [1, "
+            f"diffusion.num_train_timesteps={diffusion.num_train_timesteps}]"
+        )
+    _positive("sample.batch_size", sample.batch_size)
+    _positive("sample.eta", sample.eta, allow_zero=True)
