@@ -5,14 +5,15 @@ from collections.abc import Iterable
 
 import ml_collections
 
-SCHEDULES = ("linear", "scaled_linear", "cosine")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-LOSS_WEIGHTINGS = ("none", "min_snr")
+from diffusion.loss import LOSS_WEIGHTINGS
+from diffusion.parameterization import PREDICTION_TYPES
+from diffusion.schedules import SCHEDULES
+from diffusion.solvers import TIMESTEP_SPACINGS
+
 SAMPLERS = ("ddim", "ddpm")
 DATA_SOURCES = ("synthetic", "tar")
 TEXT_ENCODERS = ("demo", "clip")
 DTYPES = ("float32", "bfloat16")
-SPACINGS = ("leading", "trailing", "linspace")
 LR_DECAYS = ("cosine", "constant")
 
 
@@ -104,7 +105,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive("train.sample_every_steps", train.sample_every_steps, allow_zero=True)
 
     _choice("sample.sampler", sample.sampler, SAMPLERS)
-    _choice("sample.timestep_spacing", sample.timestep_spacing, SPACINGS)
+    _choice("sample.timestep_spacing", sample.timestep_spacing, TIMESTEP_SPACINGS)
     if not 1 <= sample.steps <= diffusion.num_train_timesteps:
         raise ConfigError(
             f"config.sample.steps={sample.steps} must be in [1, "
