@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     unet.out_channels = 3
     unet.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
     unet.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
-    unet.block_out_channels = (32, 64, 64)
+    unet.block_out_channels = (16, 32, 64)
     unet.layers_per_block = 1
     unet.attention_head_dim = 4
     unet.cross_attention_dim = 128

@@ -1,0 +1,105 @@
+"""Train-step throughput of a config on this machine, as one JSON line.
+
+    python bench/train_throughput.py [--config configs/demo.py] [--steps 20]
+
+Reports step time, images/s, XLA's FLOP count per step, and the achieved FLOP/s as a ratio of
+a jitted float32 2048x2048 matmul measured in the same process (the machine's practical peak),
+so figures from a noisy shared machine stay comparable.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from models.factory import build_frozen_text_encoder, build_unet  # noqa: E402
+from train.loop import schedule_from_config  # noqa: E402
+from train.state import TrainState, make_optimizer  # noqa: E402
+from train.step import make_train_step  # noqa: E402
+
+
+def load_config(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def matmul_peak(size=2048, repeats=10):
+    a = jnp.ones((size, size), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        f(a).block_until_ready()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/demo.py")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch_size", type=int, default=None)
+    args = parser.parse_args()
+    config = load_config(args.config)
+    batch_size = args.batch_size or config.train.global_batch_size
+
+    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model)
+    unet_graphdef, params = nnx.split(build_unet(config.model, nnx.Rngs(0)))
+    optimizer, lr_fn = make_optimizer(config.optim, config.train.num_train_steps)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=optimizer.init(params),
+                       ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                       rng=jax.random.PRNGKey(0))
+    step_fn = jax.jit(make_train_step(
+        unet_graphdef=unet_graphdef, text_graphdef=text_graphdef,
+        schedule=schedule_from_config(config), optimizer=optimizer, learning_rate_fn=lr_fn,
+        config=config, empty_input_ids=jnp.asarray(tokenizer([""])[0])), donate_argnums=(0,))
+    size = config.data.image_size
+    rng = np.random.default_rng(0)
+    batch = {
+        "images": jnp.asarray(rng.integers(0, 256, (batch_size, size, size, 3), np.uint8)),
+        "input_ids": jnp.asarray(tokenizer(["a red circle in the top left"] * batch_size)),
+    }
+    compiled = step_fn.lower(state, text_params, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    for _ in range(2):
+        state, metrics = compiled(state, text_params, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = compiled(state, text_params, batch)
+    jax.block_until_ready(metrics)
+    step_seconds = (time.perf_counter() - start) / args.steps
+    peak = matmul_peak()
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    print(json.dumps({
+        "bench": "train_throughput",
+        "config": args.config,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "unet_params_m": round(num_params / 1e6, 3),
+        "batch_size": batch_size,
+        "step_seconds": round(step_seconds, 4),
+        "images_per_sec": round(batch_size / step_seconds, 1),
+        "flops_per_step_g": round(flops / 1e9, 2),
+        "achieved_gflops": round(flops / step_seconds / 1e9, 1),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "fraction_of_matmul_peak": round(flops / step_seconds / peak, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
