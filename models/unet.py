@@ -1,0 +1,571 @@
+"""Conditional UNet of the Stable Diffusion family, NHWC, in Flax NNX.
+
+Constructor arguments, submodule attribute names and nesting mirror diffusers'
+`UNet2DConditionModel` one to one, so a diffusers checkpoint maps onto this module by renaming
+leaves and transposing kernels only (`models.hf_weights.load_torch_state_dict`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
+_UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
+
+
+def _conv(in_features, out_features, kernel_size, *, stride=1, dtype, param_dtype, rngs):
+    # Explicit symmetric padding: "SAME" would pad a strided conv bottom/right only, unlike torch.
+    pad = kernel_size // 2
+    padding = ((pad, pad), (pad, pad))
+    return nnx.Conv(
+        in_features, out_features, (kernel_size, kernel_size), strides=stride, padding=padding,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+    )
+
+
+def _linear(in_features, out_features, *, use_bias=True, dtype, param_dtype, rngs):
+    return nnx.Linear(
+        in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+def _group_norm(num_features, num_groups, epsilon, *, dtype, param_dtype, rngs):
+    return nnx.GroupNorm(
+        num_features, num_groups=num_groups, epsilon=epsilon, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs,
+    )
+
+
+def _dropout(rate, rngs):
+    # An RNG stream is only stored when dropout is active, so the usual rate-0 model's state
+    # holds nothing but parameters.
+    return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
+
+
+def _call(block, remat: bool, *args):
+    if remat:
+        return nnx.remat(lambda module, *inner: module(*inner))(block, *args)
+    return block(*args)
+
+
+def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding [B, dim] (float32), as diffusers' `get_timestep_embedding`."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    angles = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    embedding = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
+    return embedding
+
+
+class TimestepEmbedding(nnx.Module):
+    def __init__(self, in_channels, time_embed_dim, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = _linear(in_channels, time_embed_dim, **kw)
+        self.linear_2 = _linear(time_embed_dim, time_embed_dim, **kw)
+
+    def __call__(self, x):
+        return self.linear_2(nnx.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nnx.Module):
+    def __init__(self, in_channels, out_channels, temb_channels, *, groups, eps, dropout, dtype,
+                 param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = _group_norm(in_channels, groups, eps, **kw)
+        self.conv1 = _conv(in_channels, out_channels, 3, **kw)
+        self.time_emb_proj = _linear(temb_channels, out_channels, **kw)
+        self.norm2 = _group_norm(out_channels, groups, eps, **kw)
+        self.dropout = _dropout(dropout, rngs)
+        self.conv2 = _conv(out_channels, out_channels, 3, **kw)
+        self.conv_shortcut = (
+            _conv(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
+        )
+
+    def __call__(self, x, temb):
+        hidden = self.conv1(nnx.silu(self.norm1(x)))
+        hidden = hidden + self.time_emb_proj(nnx.silu(temb))[:, None, None, :]
+        hidden = self.conv2(self.dropout(nnx.silu(self.norm2(hidden))))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + hidden
+
+
+class Attention(nnx.Module):
+    def __init__(self, query_dim, context_dim, heads, dim_head, *, dropout, dtype, param_dtype,
+                 rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        inner_dim = heads * dim_head
+        self.heads, self.dim_head = heads, dim_head
+        self.to_q = _linear(query_dim, inner_dim, use_bias=False, **kw)
+        self.to_k = _linear(context_dim, inner_dim, use_bias=False, **kw)
+        self.to_v = _linear(context_dim, inner_dim, use_bias=False, **kw)
+        # Index 1 is diffusers' Dropout, kept so the output projection is `to_out.0`.
+        self.to_out = nnx.List([_linear(inner_dim, query_dim, **kw), _dropout(dropout, rngs)])
+
+    def __call__(self, x, context=None):
+        context = x if context is None else context
+        split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.dim_head)
+        # XLA's attention computes the logits and the softmax in float32 even for bf16 inputs.
+        out = jax.nn.dot_product_attention(
+            split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        )
+        out = self.to_out[0](out.reshape(*out.shape[:-2], self.heads * self.dim_head))
+        return self.to_out[1](out)
+
+
+class GEGLU(nnx.Module):
+    def __init__(self, dim_in, dim_out, *, dtype, param_dtype, rngs):
+        self.proj = _linear(dim_in, 2 * dim_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, dim, *, mult=4, dropout, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        inner_dim = dim * mult
+        self.net = nnx.List([
+            GEGLU(dim, inner_dim, **kw), _dropout(dropout, rngs), _linear(inner_dim, dim, **kw)
+        ])
+
+    def __call__(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nnx.Module):
+    def __init__(self, dim, heads, dim_head, *, cross_attention_dim, only_cross_attention,
+                 dropout, norm_eps, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.only_cross_attention = only_cross_attention
+        layer_norm = lambda: nnx.LayerNorm(dim, epsilon=norm_eps, **kw)
+        self.norm1 = layer_norm()
+        self.attn1 = Attention(
+            dim, cross_attention_dim if only_cross_attention else dim, heads, dim_head,
+            dropout=dropout, **kw,
+        )
+        self.norm2 = layer_norm()
+        self.attn2 = Attention(dim, cross_attention_dim, heads, dim_head, dropout=dropout, **kw)
+        self.norm3 = layer_norm()
+        self.ff = FeedForward(dim, dropout=dropout, **kw)
+
+    def __call__(self, x, context):
+        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nnx.Module):
+    def __init__(self, heads, dim_head, in_channels, *, num_layers, cross_attention_dim,
+                 norm_num_groups, use_linear_projection, only_cross_attention, dropout, norm_eps,
+                 remat, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        inner_dim = heads * dim_head
+        self.remat = remat
+        # diffusers hard-codes eps=1e-6 here, independent of `norm_eps`.
+        self.norm = _group_norm(in_channels, norm_num_groups, 1e-6, **kw)
+        # On NHWC a 1x1 conv and a Linear are the same map; the choice only fixes the
+        # checkpoint's parameter shapes.
+        project = (lambda i, o: _linear(i, o, **kw)) if use_linear_projection else (
+            lambda i, o: _conv(i, o, 1, **kw))
+        self.proj_in = project(in_channels, inner_dim)
+        self.transformer_blocks = nnx.List([
+            BasicTransformerBlock(
+                inner_dim, heads, dim_head, cross_attention_dim=cross_attention_dim,
+                only_cross_attention=only_cross_attention, dropout=dropout, norm_eps=norm_eps,
+                **kw,
+            )
+            for _ in range(num_layers)
+        ])
+        self.proj_out = project(inner_dim, in_channels)
+
+    def __call__(self, x, context):
+        batch, height, width, _ = x.shape
+        hidden = self.proj_in(self.norm(x))
+        hidden = hidden.reshape(batch, height * width, hidden.shape[-1])
+        for block in self.transformer_blocks:
+            hidden = _call(block, self.remat, hidden, context)
+        hidden = hidden.reshape(batch, height, width, hidden.shape[-1])
+        return self.proj_out(hidden) + x
+
+
+class Downsample2D(nnx.Module):
+    def __init__(self, channels, *, dtype, param_dtype, rngs):
+        self.conv = _conv(channels, channels, 3, stride=2, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs)
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+    def __init__(self, channels, *, dtype, param_dtype, rngs):
+        self.conv = _conv(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        batch, height, width, channels = x.shape
+        # Nearest-neighbour 2x as a broadcast: cheaper than a gather-based resize.
+        x = jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
+        return self.conv(x.reshape(batch, 2 * height, 2 * width, channels))
+
+
+class DownBlock2D(nnx.Module):
+    """diffusers `DownBlock2D`, or `CrossAttnDownBlock2D` when `transformer` kwargs are given."""
+
+    def __init__(self, in_channels, out_channels, temb_channels, *, num_layers, add_downsample,
+                 resnet_kw, transformer, remat, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.remat = remat
+        self.resnets = nnx.List([
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels,
+                          **resnet_kw, **kw)
+            for i in range(num_layers)
+        ])
+        self.attentions = None if transformer is None else nnx.List([
+            Transformer2DModel(in_channels=out_channels, num_layers=layers, remat=remat,
+                               **transformer["kw"], **kw)
+            for layers in transformer["layers"]
+        ])
+        self.downsamplers = nnx.List([Downsample2D(out_channels, **kw)]) if add_downsample else None
+
+    def __call__(self, x, temb, context):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = _call(resnet, self.remat, x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UNetMidBlock2DCrossAttn(nnx.Module):
+    def __init__(self, channels, temb_channels, *, num_layers, resnet_kw, transformer, remat,
+                 dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.remat = remat
+        self.resnets = nnx.List([
+            ResnetBlock2D(channels, channels, temb_channels, **resnet_kw, **kw)
+            for _ in range(num_layers + 1)
+        ])
+        self.attentions = nnx.List([
+            Transformer2DModel(in_channels=channels, num_layers=layers, remat=remat,
+                               **transformer["kw"], **kw)
+            for layers in transformer["layers"]
+        ])
+
+    def __call__(self, x, temb, context):
+        x = _call(self.resnets[0], self.remat, x, temb)
+        for attention, resnet in zip(self.attentions, self.resnets[1:], strict=True):
+            x = _call(resnet, self.remat, attention(x, context), temb)
+        return x
+
+
+class UpBlock2D(nnx.Module):
+    """diffusers `UpBlock2D`, or `CrossAttnUpBlock2D` when `transformer` kwargs are given."""
+
+    def __init__(self, in_channels, prev_output_channel, out_channels, temb_channels, *,
+                 num_layers, add_upsample, resnet_kw, transformer, remat, dtype, param_dtype,
+                 rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.remat = remat
+        resnets = []
+        for i in range(num_layers):
+            # The last resnet of an up block consumes the skip from the level above (the block's
+            # input width); the others consume skips of this level's width.
+            skip_channels = in_channels if i == num_layers - 1 else out_channels
+            resnet_in = prev_output_channel if i == 0 else out_channels
+            resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels, temb_channels,
+                                         **resnet_kw, **kw))
+        self.resnets = nnx.List(resnets)
+        self.attentions = None if transformer is None else nnx.List([
+            Transformer2DModel(in_channels=out_channels, num_layers=layers, remat=remat,
+                               **transformer["kw"], **kw)
+            for layers in transformer["layers"]
+        ])
+        self.upsamplers = nnx.List([Upsample2D(out_channels, **kw)]) if add_upsample else None
+
+    def __call__(self, x, skips, temb, context):
+        for i, resnet in enumerate(self.resnets):
+            x = jnp.concatenate([x, skips.pop()], axis=-1)
+            x = _call(resnet, self.remat, x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+def _per_block(value, num_blocks: int, name: str) -> tuple:
+    if isinstance(value, (int, float, bool)) or value is None:
+        return (value,) * num_blocks
+    value = tuple(value)
+    if len(value) != num_blocks:
+        raise ValueError(
+            f"{name} has {len(value)} entries but there are {num_blocks} down blocks: {value}"
+        )
+    return value
+
+
+class UNet2DConditionModel(nnx.Module):
+    """Text-conditioned UNet: `(sample [B,H,W,C], timesteps [B], context [B,L,D]) -> [B,H,W,C]`.
+
+    Arguments carry diffusers' names and meanings; in particular `attention_head_dim` is the
+    number of heads per block when `num_attention_heads` is None (diffusers' historical naming).
+    `dtype` is the compute dtype, `param_dtype` the storage dtype; `remat` recomputes each
+    resnet and transformer block in the backward pass instead of storing its activations.
+    """
+
+    def __init__(
+        self,
+        *,
+        sample_size: int | Sequence[int] | None = 32,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        flip_sin_to_cos: bool = True,
+        freq_shift: float = 0,
+        down_block_types: Sequence[str] = (
+            "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        mid_block_type: str = "UNetMidBlock2DCrossAttn",
+        up_block_types: Sequence[str] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        only_cross_attention: bool | Sequence[bool] = False,
+        block_out_channels: Sequence[int] = (32, 64, 64),
+        layers_per_block: int | Sequence[int] = 1,
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        norm_num_groups: int = 8,
+        norm_eps: float = 1e-5,
+        cross_attention_dim: int = 128,
+        transformer_layers_per_block: int | Sequence[int] = 1,
+        attention_head_dim: int | Sequence[int] = 8,
+        num_attention_heads: int | Sequence[int] | None = None,
+        use_linear_projection: bool = False,
+        upcast_attention: bool = False,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        num_blocks = len(block_out_channels)
+        down_block_types, up_block_types = tuple(down_block_types), tuple(up_block_types)
+        if len(down_block_types) != num_blocks or len(up_block_types) != num_blocks:
+            raise ValueError(
+                "down_block_types, up_block_types and block_out_channels need one entry per "
+                f"level; got {down_block_types}, {up_block_types}, {tuple(block_out_channels)}"
+            )
+        for kind in down_block_types:
+            if kind not in _DOWN_BLOCK_TYPES:
+                raise ValueError(f"down_block_types: {kind!r} is not one of {_DOWN_BLOCK_TYPES}")
+        for kind in up_block_types:
+            if kind not in _UP_BLOCK_TYPES:
+                raise ValueError(f"up_block_types: {kind!r} is not one of {_UP_BLOCK_TYPES}")
+        if mid_block_type != "UNetMidBlock2DCrossAttn":
+            raise ValueError(
+                f"mid_block_type: only 'UNetMidBlock2DCrossAttn', got {mid_block_type!r}"
+            )
+        if act_fn not in ("silu", "swish"):
+            raise ValueError(f"act_fn: only 'silu' is supported, got {act_fn!r}")
+        if not isinstance(cross_attention_dim, int):
+            raise ValueError(f"cross_attention_dim: one int expected, got {cross_attention_dim!r}")
+        # `upcast_attention` needs no switch: attention logits are always computed in float32.
+        del upcast_attention
+
+        # diffusers' naming quirk: without num_attention_heads, attention_head_dim is the count.
+        heads = _per_block(
+            num_attention_heads if num_attention_heads is not None else attention_head_dim,
+            num_blocks, "attention_head_dim",
+        )
+        layers = _per_block(layers_per_block, num_blocks, "layers_per_block")
+        transformer_layers = _per_block(
+            transformer_layers_per_block, num_blocks, "transformer_layers_per_block")
+        only_cross = _per_block(only_cross_attention, num_blocks, "only_cross_attention")
+        if not all(isinstance(count, int) for count in (*heads, *layers, *transformer_layers)):
+            raise ValueError(
+                "attention_head_dim / num_attention_heads, layers_per_block and "
+                "transformer_layers_per_block take an int or one int per block"
+            )
+        for level, (channels, count) in enumerate(zip(block_out_channels, heads, strict=True)):
+            if channels % norm_num_groups:
+                raise ValueError(
+                    f"block_out_channels[{level}]={channels} is not divisible by "
+                    f"norm_num_groups={norm_num_groups}"
+                )
+            has_attention = level == num_blocks - 1 or "CrossAttn" in (
+                down_block_types[level] + up_block_types[num_blocks - 1 - level])
+            if has_attention and channels < count:
+                raise ValueError(
+                    f"block {level}: {count} attention heads for only {channels} channels"
+                )
+
+        self.sample_size = sample_size
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.freq_shift = freq_shift
+        self.dtype = dtype
+        self.num_upsamplers = num_blocks - 1
+
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        resnet_kw = dict(groups=norm_num_groups, eps=norm_eps, dropout=dropout)
+        time_embed_dim = block_out_channels[0] * 4
+        self.time_proj_dim = block_out_channels[0]
+
+        def transformer(level: int, channels: int, count: int, only_cross_attention=None):
+            if only_cross_attention is None:
+                only_cross_attention = only_cross[level]
+            return {
+                "layers": (transformer_layers[level],) * count,
+                "kw": dict(
+                    heads=heads[level], dim_head=channels // heads[level],
+                    cross_attention_dim=cross_attention_dim, norm_num_groups=norm_num_groups,
+                    use_linear_projection=use_linear_projection,
+                    only_cross_attention=only_cross_attention, dropout=dropout, norm_eps=norm_eps,
+                ),
+            }
+
+        self.conv_in = _conv(in_channels, block_out_channels[0], 3, **kw)
+        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, **kw)
+
+        down_blocks = []
+        output_channel = block_out_channels[0]
+        for level, kind in enumerate(down_block_types):
+            input_channel, output_channel = output_channel, block_out_channels[level]
+            down_blocks.append(DownBlock2D(
+                input_channel, output_channel, time_embed_dim, num_layers=layers[level],
+                add_downsample=level < num_blocks - 1, resnet_kw=resnet_kw,
+                transformer=(transformer(level, output_channel, layers[level])
+                             if kind == "CrossAttnDownBlock2D" else None),
+                remat=remat, **kw,
+            ))
+        self.down_blocks = nnx.List(down_blocks)
+
+        self.mid_block = UNetMidBlock2DCrossAttn(
+            block_out_channels[-1], time_embed_dim, num_layers=1,
+            resnet_kw=resnet_kw,
+            # diffusers' UNetMidBlock2DCrossAttn never takes only_cross_attention.
+            transformer=transformer(num_blocks - 1, block_out_channels[-1], 1,
+                                    only_cross_attention=False),
+            remat=remat, **kw,
+        )
+
+        up_blocks = []
+        reversed_channels = tuple(reversed(block_out_channels))
+        output_channel = reversed_channels[0]
+        for i, kind in enumerate(up_block_types):
+            level = num_blocks - 1 - i
+            prev_output_channel, output_channel = output_channel, reversed_channels[i]
+            input_channel = reversed_channels[min(i + 1, num_blocks - 1)]
+            up_blocks.append(UpBlock2D(
+                input_channel, prev_output_channel, output_channel, time_embed_dim,
+                num_layers=layers[level] + 1, add_upsample=i < num_blocks - 1,
+                resnet_kw=resnet_kw,
+                transformer=(transformer(level, output_channel, layers[level] + 1)
+                             if kind == "CrossAttnUpBlock2D" else None),
+                remat=remat, **kw,
+            ))
+        self.up_blocks = nnx.List(up_blocks)
+
+        self.conv_norm_out = _group_norm(block_out_channels[0], norm_num_groups, norm_eps, **kw)
+        self.conv_out = _conv(block_out_channels[0], out_channels, 3, **kw)
+
+    def __call__(self, sample, timesteps, encoder_hidden_states):
+        batch, height, width, _ = sample.shape
+        factor = 2**self.num_upsamplers
+        if height % factor or width % factor:
+            raise ValueError(
+                f"sample height and width must be multiples of {factor} "
+                f"(2 ** number of downsamplers), got {height}x{width}"
+            )
+        sample = sample.astype(self.dtype)
+        context = encoder_hidden_states.astype(self.dtype)
+
+        timesteps = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (batch,))
+        t_emb = timestep_embedding(timesteps, self.time_proj_dim,
+                                   flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
+        temb = self.time_embedding(t_emb.astype(self.dtype))
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context)
+            skips.extend(block_skips)
+        x = self.mid_block(x, temb, context)
+        for block in self.up_blocks:
+            x = block(x, skips, temb, context)
+        x = self.conv_out(nnx.silu(self.conv_norm_out(x)))
+        return x.astype(jnp.float32)
+
+
+# diffusers UNet2DConditionModel options we do not model, with the value that switches them off.
+_INERT_DIFFUSERS_OPTIONS = {
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": None,
+    "addition_embed_type_num_heads": "any",
+}
+
+_OWN_KWARGS = ("dtype", "param_dtype", "remat", "rngs")
+
+
+def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor kwargs from a diffusers `unet/config.json` dict.
+
+    Drops bookkeeping keys (`_class_name`, ...) and options left at their "off" value; raises
+    on an option this module does not implement, so an unsupported checkpoint fails loudly.
+    """
+    import inspect
+
+    accepted = set(inspect.signature(UNet2DConditionModel.__init__).parameters) - {"self"}
+    accepted -= set(_OWN_KWARGS)
+    kwargs, unsupported = {}, []
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if key in accepted:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+            continue
+        inert = _INERT_DIFFUSERS_OPTIONS.get(key, "unknown")
+        if inert == "any":
+            continue
+        if inert == "unknown" or value not in (inert if isinstance(inert, tuple) else (inert,)):
+            unsupported.append(f"{key}={value!r}")
+    if unsupported:
+        raise ValueError(f"unsupported diffusers UNet options: {', '.join(unsupported)}")
+    return kwargs

@@ -1,0 +1,287 @@
+"""UNet: shapes, conditioning wiring, gradients, and one-to-one parity with diffusers.
+
+XLA compiles are the cost here, so every test builds abstractly (`nnx.eval_shape`) and fills
+parameters from numpy or from a torch reference; configs are shared so compiles are reused.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.hf_weights import flat_param_names, load_torch_state_dict, to_torch_state_dict
+from models.unet import (
+    Transformer2DModel,
+    UNet2DConditionModel,
+    timestep_embedding,
+    unet_kwargs_from_diffusers_config,
+)
+
+# Both block kinds, a conv_shortcut (8 -> 16), per-block head counts (the mid block must take
+# the last), only-cross-attention on one level (the mid block must ignore it).
+TINY = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=3,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    attention_head_dim=(2, 4),
+    only_cross_attention=(False, True),
+    cross_attention_dim=12,
+    norm_num_groups=4,
+)
+
+# One level, no resampling, attention in the mid block only: the cheapest graph to compile.
+MINI = TINY | dict(
+    sample_size=4,
+    down_block_types=("DownBlock2D",),
+    up_block_types=("UpBlock2D",),
+    block_out_channels=(8,),
+    attention_head_dim=2,
+    only_cross_attention=False,
+)
+
+# Names and shapes only (no compile): linear projections, stacked transformer blocks, two
+# resnets per level, equal widths, the other block order.
+WIDE = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(8, 8),
+    layers_per_block=2,
+    transformer_layers_per_block=(2, 1),
+    attention_head_dim=8,
+    cross_attention_dim=12,
+    norm_num_groups=4,
+    use_linear_projection=True,
+)
+
+
+def _abstract_unet(config, **kwargs):
+    return nnx.eval_shape(lambda: UNet2DConditionModel(**config, **kwargs, rngs=nnx.Rngs(0)))
+
+
+def _fill_params(module, seed):
+    """Random parameters from numpy: no per-shape XLA random-init compiles."""
+    rng = np.random.default_rng(seed)
+    for path, variable in nnx.iter_graph(module):
+        if not isinstance(variable, nnx.Param):
+            continue
+        shape = variable.shape
+        if path[-1] == "kernel":
+            value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1]))
+        elif path[-1] == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            value = 0.1 * rng.standard_normal(shape)
+        variable.set_value(jnp.asarray(value, variable.dtype))
+    return module
+
+
+@nnx.jit
+def _apply(model, sample, timesteps, context):
+    return model(sample, timesteps, context)
+
+
+def _inputs(config, batch=2, seed=0, length=5):
+    rng = np.random.default_rng(seed)
+    size = config["sample_size"]
+    sample = rng.standard_normal((batch, size, size, config["in_channels"]))
+    context = rng.standard_normal((batch, length, config["cross_attention_dim"]))
+    timesteps = np.array([3, 870][:batch], np.int32)
+    return (jnp.asarray(sample, jnp.float32), jnp.asarray(timesteps),
+            jnp.asarray(context, jnp.float32))
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    return _fill_params(_abstract_unet(TINY), seed=0)
+
+
+def test_structure_and_state():
+    model = _abstract_unet(TINY)
+    # No RNG streams or other state beside parameters while dropout is off.
+    assert not jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param)))
+    names = flat_param_names(model)
+    assert "down_blocks.0.resnets.0.conv_shortcut.weight" not in names
+    assert names["down_blocks.1.resnets.0.conv_shortcut.weight"] == (1, 1, 8, 16)
+    block = "up_blocks.0.attentions.0.transformer_blocks.0"
+    assert names[f"{block}.ff.net.0.proj.weight"] == (16, 128)  # GEGLU: 2 * 4 * 16
+    assert names[f"{block}.ff.net.2.weight"] == (64, 16)
+    assert names[f"{block}.attn1.to_k.weight"] == (12, 16)  # only-cross: reads the context
+    assert f"{block}.attn1.to_q.bias" not in names and f"{block}.attn1.to_out.0.bias" in names
+
+
+def test_forward_shape_and_conditioning(tiny_unet):
+    sample, timesteps, context = _inputs(TINY)
+    base = np.asarray(_apply(tiny_unet, sample, timesteps, context))
+    assert base.shape == (2, 8, 8, 3) and base.dtype == np.float32
+    assert np.isfinite(base).all()
+    other_context = np.asarray(_apply(tiny_unet, sample, timesteps, context + 1.0))
+    other_time = np.asarray(_apply(tiny_unet, sample, timesteps + 100, context))
+    assert np.abs(base - other_context).max() > 1e-3
+    assert np.abs(base - other_time).max() > 1e-3
+
+
+def _block(dtype=jnp.float32):
+    return nnx.eval_shape(lambda: Transformer2DModel(
+        2, 4, 8, num_layers=2, cross_attention_dim=12, norm_num_groups=4,
+        use_linear_projection=True, only_cross_attention=False, dropout=0.0, norm_eps=1e-5,
+        remat=False, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0),
+    ))
+
+
+def _block_inputs():
+    rng = np.random.default_rng(2)
+    return (jnp.asarray(rng.standard_normal((2, 4, 4, 8)), jnp.float32),
+            jnp.asarray(rng.standard_normal((2, 3, 12)), jnp.float32))
+
+
+@nnx.jit
+def _apply_block(model, x, context):
+    return model(x, context)
+
+
+def test_bfloat16_compute():
+    # The whole UNet is only traced (compiling it again in bf16 costs ~10 s on a small CPU);
+    # numerics are checked on a transformer block, where low precision bites first.
+    out = jax.eval_shape(lambda m: m(*_inputs(TINY)), _abstract_unet(TINY, dtype=jnp.bfloat16))
+    assert out.shape == (2, 8, 8, 3) and out.dtype == jnp.float32
+
+    ref_block = _fill_params(_block(), seed=3)
+    bf16_block = _block(jnp.bfloat16)
+    nnx.update(bf16_block, nnx.state(ref_block))
+    x, context = _block_inputs()
+    out = np.asarray(_apply_block(bf16_block, x.astype(jnp.bfloat16),
+                                  context.astype(jnp.bfloat16)), np.float32)
+    ref = np.asarray(_apply_block(ref_block, x, context))
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_gradients_reach_every_parameter_with_remat():
+    model = _fill_params(_abstract_unet(MINI, remat=True), seed=1)
+    sample, _, context = _inputs(MINI)
+
+    @nnx.jit
+    def grads(model):
+        # A scalar timestep broadcasts over the batch.
+        loss = lambda m: jnp.mean(m(sample, jnp.float32(250.0), context) ** 2)
+        return nnx.grad(loss)(model)
+
+    flat = grads(model).flat_state()
+    assert len(flat) == len(flat_param_names(model))
+    zero = [".".join(map(str, path)) for path, g in flat if not np.any(np.asarray(g.get_value()))]
+    assert not zero, f"parameters without gradient: {zero}"
+    assert all(np.isfinite(np.asarray(g.get_value())).all() for _, g in flat)
+
+
+def test_demo_config_builds():
+    from configs import demo
+
+    model = _abstract_unet(dict(demo.get_config().model.unet))
+    names = flat_param_names(model)
+    # Every cross-attention reads the text encoder's width.
+    assert names["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"] == (128, 64)
+
+
+def test_rejects_unsupported_options(tiny_unet):
+    with pytest.raises(ValueError, match="down_block_types"):
+        _abstract_unet(TINY | {"down_block_types": ("DownBlock2D", "AttnDownBlock2D")})
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        _abstract_unet(TINY | {"norm_num_groups": 3})
+    with pytest.raises(ValueError, match="class_embed_type"):
+        unet_kwargs_from_diffusers_config(TINY | {"class_embed_type": "timestep"})
+    with pytest.raises(ValueError, match="multiples of 2"):
+        _apply(tiny_unet, jnp.zeros((1, 6, 5, 4)), 1, jnp.zeros((1, 2, 12)))
+
+
+def _randomised(torch, module):
+    # diffusers starts norms at the identity and some biases at zero; perturb every tensor so
+    # that a swapped or mis-transposed one cannot go unnoticed.
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            tensor.add_(0.1 * torch.randn_like(tensor))
+    return module.eval()
+
+
+def _nchw(torch, array):
+    return torch.from_numpy(np.array(array)).permute(0, 3, 1, 2)
+
+
+def _state(module):
+    return {name: tensor.numpy() for name, tensor in module.state_dict().items()}
+
+
+def test_matches_diffusers(tiny_unet):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    reference = _randomised(torch, diffusers.UNet2DConditionModel(**TINY))
+    state = _state(reference)
+
+    model = _abstract_unet(unet_kwargs_from_diffusers_config(dict(reference.config)))
+    assert flat_param_names(model, layout="torch") == {k: v.shape for k, v in state.items()}
+    load_torch_state_dict(model, state)
+
+    sample, timesteps, context = _inputs(TINY)
+    with torch.no_grad():
+        expected = reference(
+            _nchw(torch, sample), torch.from_numpy(np.array(timesteps)),
+            torch.from_numpy(np.array(context)),
+        ).sample.permute(0, 2, 3, 1).numpy()
+    out = np.asarray(_apply(model, sample, timesteps, context))
+    np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
+
+    exported = to_torch_state_dict(model)
+    assert all(np.array_equal(exported[name], value) for name, value in state.items())
+
+
+def test_names_match_diffusers_wide():
+    pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    reference = diffusers.UNet2DConditionModel(**WIDE)
+    model = _abstract_unet(unet_kwargs_from_diffusers_config(dict(reference.config)))
+    expected = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
+    assert flat_param_names(model, layout="torch") == expected
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers' own deprecated import
+def test_linear_projection_transformer_matches_diffusers():
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(1)
+    reference = _randomised(torch, diffusers.Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=8, num_layers=2,
+        cross_attention_dim=12, norm_num_groups=4, use_linear_projection=True,
+    ))
+    model = _block()
+    load_torch_state_dict(model, _state(reference))
+
+    x, context = _block_inputs()
+    with torch.no_grad():
+        expected = reference(_nchw(torch, x), encoder_hidden_states=torch.from_numpy(
+            np.array(context)))
+    expected = expected.sample.permute(0, 2, 3, 1).numpy()
+    out = np.asarray(_apply_block(model, x, context))
+    np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("flip_sin_to_cos,freq_shift,dim", [(True, 0, 16), (False, 1, 7)])
+def test_timestep_embedding_matches_diffusers(flip_sin_to_cos, freq_shift, dim):
+    torch = pytest.importorskip("torch")
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    timesteps = np.array([0, 1, 17, 999])
+    expected = embeddings.get_timestep_embedding(
+        torch.from_numpy(timesteps), dim, flip_sin_to_cos=flip_sin_to_cos,
+        downscale_freq_shift=freq_shift,
+    ).numpy()
+    out = timestep_embedding(jnp.asarray(timesteps), dim, flip_sin_to_cos=flip_sin_to_cos,
+                             freq_shift=freq_shift)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-4)
