@@ -1,0 +1,364 @@
+"""Tar shards in the img2dataset / WebDataset layout: naming, streaming reads, writing.
+
+A shard is a tar file (optionally gzip/bz2/xz compressed) whose members are grouped into
+samples by key: `000000123.png`, `000000123.txt` and `000000123.json` form one sample with key
+`000000123`. Reads are strictly sequential, so a shard is never held in memory and remote shards
+need no seeking or Range requests.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import io
+import lzma
+import os
+import re
+import tarfile
+import urllib.request
+from collections.abc import Iterator, Sequence
+from typing import IO
+
+_URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_RANGE_RE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def is_url(path: str) -> bool:
+    return bool(_URL_RE.match(path))
+
+
+def _split_top_level_commas(spec: str) -> list[str]:
+    """Split on commas outside braces, so `a-{0,1}.tar,b.tar` keeps its brace list intact."""
+    parts, depth, current = [], 0, []
+    for char in spec:
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth = max(depth - 1, 0)
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """Expand `{00000..00009}` ranges (zero padding kept) and `{a,b}` lists, left to right."""
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    depth = 0
+    for end in range(start, len(pattern)):
+        if pattern[end] == "{":
+            depth += 1
+        elif pattern[end] == "}":
+            depth -= 1
+            if depth == 0:
+                break
+    else:
+        raise ValueError(f"unbalanced '{{' in shard spec {pattern!r}")
+    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
+    range_match = _RANGE_RE.match(body)
+    if range_match:
+        first_text, last_text = range_match.groups()
+        first, last = int(first_text), int(last_text)
+        width = len(first_text) if first_text.startswith("0") and len(first_text) > 1 else 0
+        step = 1 if last >= first else -1
+        choices = [str(i).zfill(width) for i in range(first, last + step, step)]
+    else:
+        choices = _split_top_level_commas(body) if "," in body else ["{" + body + "}"]
+    return [head + choice + rest for choice in choices for rest in _expand_braces(tail)]
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Turn a shard spec into a list of shard paths or URLs.
+
+    Accepts a directory (its `*.tar`, sorted), a glob, brace ranges
+    (`shard-{00000..00009}.tar`), a comma-separated list of any of these, or a sequence of them.
+    URLs are passed through after brace expansion (listing remote buckets is left to the user).
+    Raises FileNotFoundError naming the spec when a part matches nothing.
+    """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        shards: list[str] = []
+        for item in spec:
+            shards.extend(expand_shards(item))
+        if not shards:
+            raise FileNotFoundError(f"no shards in shard spec {list(spec)!r}")
+        return shards
+
+    parts = _split_top_level_commas(spec)
+    if not parts:
+        raise FileNotFoundError(f"empty shard spec {spec!r}")
+    shards = []
+    for part in parts:
+        for candidate in _expand_braces(part):
+            if is_url(candidate):
+                shards.append(candidate)
+            elif os.path.isdir(candidate):
+                found = sorted(glob.glob(os.path.join(glob.escape(candidate), "*.tar")))
+                if not found:
+                    raise FileNotFoundError(
+                        f"shard spec {spec!r}: directory {candidate!r} holds no *.tar files"
+                    )
+                shards.extend(found)
+            elif glob.has_magic(candidate):
+                found = sorted(path for path in glob.glob(candidate) if os.path.isfile(path))
+                if not found:
+                    raise FileNotFoundError(
+                        f"shard spec {spec!r}: pattern {candidate!r} matches no files"
+                    )
+                shards.extend(found)
+            elif os.path.isfile(candidate):
+                shards.append(candidate)
+            else:
+                raise FileNotFoundError(f"shard spec {spec!r}: no such shard {candidate!r}")
+    return shards
+
+
+def open_stream(url_or_path: str) -> IO[bytes]:
+    """Open a shard for sequential reading: local path, http(s), or any fsspec URL (gs://, s3://)."""
+    if not is_url(url_or_path) or url_or_path.startswith("file://"):
+        path = url_or_path.removeprefix("file://")
+        return open(path, "rb")
+    scheme = url_or_path.split("://", 1)[0].lower()
+    try:
+        import fsspec
+    except ImportError:
+        fsspec = None
+    if fsspec is not None:
+        try:
+            # block_size=0 asks fsspec for a plain stream: no Range requests, no size probe,
+            # so servers without Range support (and chunked responses) work too.
+            options = {"block_size": 0} if scheme in ("http", "https") else {}
+            return fsspec.open(url_or_path, "rb", **options).open()
+        except ImportError:
+            # fsspec's http backend needs aiohttp; urllib below needs nothing extra.
+            if scheme not in ("http", "https"):
+                raise
+    if scheme in ("http", "https"):
+        return urllib.request.urlopen(url_or_path, timeout=60)
+    raise ValueError(
+        f"cannot open {url_or_path!r}: scheme {scheme!r} needs fsspec (and its backend, "
+        "e.g. gcsfs or s3fs) installed"
+    )
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """WebDataset rule: key = path up to the first '.' of the basename, extension = the rest."""
+    directory, basename = os.path.split(name)
+    stem, dot, extension = basename.partition(".")
+    if not stem or not dot:
+        return None  # no extension, or a dot-file: not part of any sample
+    return (f"{directory}/{stem}" if directory else stem), extension.lower()
+
+
+_BLOCK = 512
+_REGULAR_TYPES = (b"0", b"\0", b"7")
+
+
+class _Prefixed(io.RawIOBase):
+    """A stream with some already-read bytes put back in front, for sniffing compression."""
+
+    def __init__(self, prefix: bytes, stream: IO[bytes]):
+        self._prefix = prefix
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._prefix:
+            count = min(len(buffer), len(self._prefix))
+            buffer[:count] = self._prefix[:count]
+            self._prefix = self._prefix[count:]
+            return count
+        readinto = getattr(self._stream, "readinto", None)
+        if readinto is not None:
+            return readinto(buffer)
+        data = self._stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _decompressed(stream: IO[bytes]) -> IO[bytes]:
+    head = stream.read(6)
+    rest = io.BufferedReader(_Prefixed(head, stream), buffer_size=1 << 20)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=rest)
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(rest)
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(rest)
+    return rest
+
+
+def _read_exact(stream: IO[bytes], size: int, url: str, what: str) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise tarfile.ReadError(f"{url}: unexpected end of data in {what}")
+    return data
+
+
+def _parse_octal(field: bytes, url: str) -> int:
+    if field[:1] in (b"\x80", b"\xff"):
+        # GNU base-256 encoding, used for sizes of 8 GiB and more.
+        value = int.from_bytes(field[1:], "big")
+        return -value if field[:1] == b"\xff" else value
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise tarfile.ReadError(f"{url}: corrupt tar header field {field!r}") from None
+
+
+def _pax_records(payload: bytes) -> dict[str, str]:
+    records, position = {}, 0
+    while position < len(payload):
+        space = payload.index(b" ", position)
+        length = int(payload[position:space])
+        keyword, _, value = payload[space + 1 : position + length - 1].partition(b"=")
+        records[keyword.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        position += length
+    return records
+
+
+def iter_tar_members(url_or_path: str) -> Iterator[tuple[str, bytes]]:
+    """Stream (member name, payload) for the regular files of a tar (optionally gzip/bz2/xz).
+
+    A small reader of its own rather than `tarfile` "r|*": header parsing in `tarfile` costs more
+    than decoding a 32x32 PNG. It reads ustar, GNU long names and pax path/size records.
+    Damage raises tarfile.ReadError, including a stream cut exactly between members, which
+    `tarfile` would take for a normal end.
+    """
+    with open_stream(url_or_path) as raw:
+        stream = _decompressed(raw)
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        while True:
+            header = stream.read(_BLOCK)
+            if header == bytes(_BLOCK):
+                return
+            if not header:
+                # Every tar writer ends with zero blocks; a stream that stops at a member boundary
+                # without them was cut short, and its last sample may be missing members.
+                raise tarfile.ReadError(f"{url_or_path}: ends without the end-of-archive marker")
+            if len(header) != _BLOCK:
+                raise tarfile.ReadError(f"{url_or_path}: unexpected end of data in a header")
+            stored_checksum = _parse_octal(header[148:156], url_or_path)
+            if stored_checksum != sum(header[:148]) + 256 + sum(header[156:]):
+                raise tarfile.ReadError(f"{url_or_path}: bad tar header checksum")
+            size = _parse_octal(header[124:136], url_or_path)
+            if size < 0:
+                raise tarfile.ReadError(f"{url_or_path}: negative member size in a tar header")
+            type_flag = header[156:157]
+            if type_flag in (b"x", b"L"):
+                payload = _read_exact(stream, size, url_or_path, "an extended header")
+                stream.read(-size % _BLOCK)
+                if type_flag == b"L":
+                    long_name = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                else:
+                    pax = _pax_records(payload)
+                continue
+            if "size" in pax:
+                size = int(pax["size"])
+            name = pax.get("path") or long_name
+            if name is None:
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                prefix = header[345:500].split(b"\0", 1)[0]
+                if header[257:263] == b"ustar\0" and prefix:
+                    name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            long_name, pax = None, {}
+            payload = _read_exact(stream, size, url_or_path, f"member {name}")
+            padding = -size % _BLOCK
+            if padding and len(stream.read(padding)) != padding:
+                raise tarfile.ReadError(f"{url_or_path}: unexpected end of data after {name}")
+            if type_flag in _REGULAR_TYPES:
+                yield name, payload
+
+
+def iter_tar_samples(url_or_path: str) -> Iterator[dict]:
+    """Stream the samples of one shard as dicts {"__key__", "__url__", ext: bytes}.
+
+    Consecutive members with the same key form one sample. A truncated or corrupt shard raises
+    tarfile.ReadError (or OSError from the transport) after yielding the complete samples
+    before the damage; the sample at the point of damage is never yielded.
+    """
+    current: dict | None = None
+    for name, payload in iter_tar_members(url_or_path):
+        parsed = split_member_name(name)
+        if parsed is None:
+            continue
+        key, ext = parsed
+        if current is not None and current["__key__"] != key:
+            yield current
+            current = None
+        if current is None:
+            current = {"__key__": key, "__url__": url_or_path}
+        current[ext] = payload
+    if current is not None:
+        yield current
+
+
+class TarShardWriter:
+    """Writes one shard; the file appears under its final name only once it is complete.
+
+    Headers carry fixed mtime/owner so the same samples give byte-identical shards.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._tmp_path = self.path + ".incomplete"
+        self._file = open(self._tmp_path, "wb")
+        self._archive = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self.num_samples = 0
+        self._closed = False
+
+    def write(self, key: str, fields: dict[str, bytes]) -> None:
+        if self._closed:
+            raise ValueError(f"shard {self.path} is already closed")
+        if not key or "." in os.path.basename(key):
+            raise ValueError(f"sample key {key!r} must be non-empty with no '.' in its basename")
+        for ext, payload in fields.items():
+            if not ext or ext.startswith("."):
+                raise ValueError(f"extension {ext!r} for key {key!r} must be non-empty, no '.'")
+            if isinstance(payload, str):
+                payload = payload.encode("utf-8")
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(payload)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._archive.addfile(info, io.BytesIO(payload))
+        self.num_samples += 1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._archive.close()
+        self._file.close()
+        os.replace(self._tmp_path, self.path)
+
+    def abort(self) -> None:
+        """Drop a partly written shard, leaving no file that looks complete."""
+        if self._closed:
+            return
+        self._closed = True
+        self._archive.close()
+        self._file.close()
+        os.remove(self._tmp_path)
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
