@@ -20,7 +20,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from models.factory import build_frozen_text_encoder, build_unet  # noqa: E402
+from models.factory import (  # noqa: E402
+    build_frozen_text_encoder,
+    build_unet,
+    text_conditioning_fn,
+)
 from train.loop import schedule_from_config  # noqa: E402
 from train.state import TrainState, make_optimizer  # noqa: E402
 from train.step import make_train_step  # noqa: E402
@@ -62,7 +66,8 @@ def main():
                        ema_params=jax.tree_util.tree_map(jnp.copy, params),
                        rng=jax.random.PRNGKey(0))
     step_fn = jax.jit(make_train_step(
-        unet_graphdef=unet_graphdef, text_graphdef=text_graphdef,
+        unet_graphdef=unet_graphdef,
+        encode_text=text_conditioning_fn(config.model, tokenizer, text_graphdef),
         schedule=schedule_from_config(config), optimizer=optimizer, learning_rate_fn=lr_fn,
         config=config, empty_input_ids=jnp.asarray(tokenizer([""])[0])), donate_argnums=(0,))
     size = config.data.image_size

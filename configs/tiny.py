@@ -19,6 +19,7 @@ def get_config():
     config.model.unet.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
     config.model.unet.attention_head_dim = 2
     config.model.unet.cross_attention_dim = 32
+    config.model.unet.projection_class_embeddings_input_dim = 32
     config.model.text_encoder.hidden_size = 32
     config.model.text_encoder.intermediate_size = 64
     config.model.text_encoder.num_hidden_layers = 1

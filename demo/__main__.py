@@ -1,6 +1,6 @@
 """The demo: synthetic captioned shapes -> train on CPU -> sample every combination -> adherence.
 
-    python -m demo --workdir /tmp/t2i_demo [--config configs/demo.py] [--config.train.num_train_steps=...]
+    python -m demo --workdir /tmp/t2i_demo [--config.train.num_train_steps=...]
 
 Writes DIR/eval/adherence.json and DIR/eval/samples/ (PNGs, grid.png, manifest.jsonl).
 """
@@ -74,7 +74,9 @@ def run_demo(config, workdir: str, *, num_images_per_prompt: int = 4,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
+    from train.log_setup import setup_logging
+
+    setup_logging()
     result = run_demo(_CONFIG.value, _WORKDIR.value, num_images_per_prompt=_IMAGES.value)
     print("\nprompt adherence (fraction of images with colour, shape and position all right):")
     print(f"  held-in combinations : {result['held_in']:.3f}  {result['held_in_per_attribute']}")

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models.text_encoder import build_text_encoder
+from models.text_encoder import build_text_encoder, pooled_output
 from models.unet import UNet2DConditionModel
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -31,3 +31,32 @@ def build_frozen_text_encoder(model_config: ml_collections.ConfigDict):
     tokenizer, encoder = build_text_encoder(model_config.text_encoder)
     graphdef, params = nnx.split(encoder)
     return tokenizer, graphdef, params
+
+
+def encode_prompts(text_graphdef, text_params, input_ids, *, pooling: str, pad_token_id: int,
+                   eos_token_id: int) -> dict:
+    """Frozen-encoder conditioning: per-token states for cross-attention and one pooled vector
+    per prompt (fed to the UNet's class embedding when it has one)."""
+    encoder = nnx.merge(text_graphdef, text_params)
+    hidden = encoder(input_ids)
+    if pooling == "eos":
+        pooled = pooled_output(hidden, input_ids, eos_token_id)
+    else:
+        # Mean over real tokens: with a randomly initialised demo encoder this keeps every
+        # word's contribution, where the end token alone carries little of the prompt.
+        mask = (input_ids != pad_token_id).astype(hidden.dtype)[..., None]
+        pooled = (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
+    return {"hidden": hidden, "pooled": pooled}
+
+
+def text_conditioning_fn(model_config: ml_collections.ConfigDict, tokenizer, text_graphdef):
+    """encode(text_params, input_ids) -> {"hidden", "pooled"} for the configured pooling."""
+    pooling = model_config.text_encoder.get("pooling", "eos")
+    pad_id = getattr(tokenizer, "pad_token_id", 0) or 0
+    eos_id = getattr(tokenizer, "eos_token_id", 1)
+
+    def encode(text_params, input_ids):
+        return encode_prompts(text_graphdef, text_params, input_ids, pooling=pooling,
+                              pad_token_id=pad_id, eos_token_id=eos_id)
+
+    return encode

@@ -357,6 +357,8 @@ class UNet2DConditionModel(nnx.Module):
         num_attention_heads: int | Sequence[int] | None = None,
         use_linear_projection: bool = False,
         upcast_attention: bool = False,
+        class_embed_type: str | None = None,
+        projection_class_embeddings_input_dim: int | None = None,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         remat: bool = False,
@@ -439,6 +441,23 @@ class UNet2DConditionModel(nnx.Module):
 
         self.conv_in = _conv(in_channels, block_out_channels[0], 3, **kw)
         self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, **kw)
+        # diffusers' "projection" class embedding: a vector per example (here the pooled text
+        # embedding) mapped into the timestep embedding, so every resnet sees the whole prompt.
+        if class_embed_type == "projection":
+            if not projection_class_embeddings_input_dim:
+                raise ValueError(
+                    "class_embed_type='projection' needs projection_class_embeddings_input_dim"
+                )
+            self.class_embedding = TimestepEmbedding(
+                projection_class_embeddings_input_dim, time_embed_dim, **kw
+            )
+        elif class_embed_type is None:
+            self.class_embedding = None
+        else:
+            raise ValueError(
+                f"class_embed_type: only None or 'projection' are supported, got "
+                f"{class_embed_type!r}"
+            )
 
         down_blocks = []
         output_channel = block_out_channels[0]
@@ -482,7 +501,7 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = _group_norm(block_out_channels[0], norm_num_groups, norm_eps, **kw)
         self.conv_out = _conv(block_out_channels[0], out_channels, 3, **kw)
 
-    def __call__(self, sample, timesteps, encoder_hidden_states):
+    def __call__(self, sample, timesteps, encoder_hidden_states, class_labels=None):
         batch, height, width, _ = sample.shape
         factor = 2**self.num_upsamplers
         if height % factor or width % factor:
@@ -497,6 +516,10 @@ class UNet2DConditionModel(nnx.Module):
         t_emb = timestep_embedding(timesteps, self.time_proj_dim,
                                    flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
         temb = self.time_embedding(t_emb.astype(self.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("this UNet has a class embedding: pass class_labels")
+            temb = temb + self.class_embedding(class_labels.astype(self.dtype))
 
         x = self.conv_in(sample)
         skips = [x]
@@ -519,7 +542,6 @@ _INERT_DIFFUSERS_OPTIONS = {
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
-    "class_embed_type": None,
     "addition_embed_type": None,
     "addition_time_embed_dim": None,
     "num_class_embeds": None,
@@ -533,7 +555,6 @@ _INERT_DIFFUSERS_OPTIONS = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": (None, False),

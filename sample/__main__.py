@@ -2,7 +2,7 @@
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for PNGs, grid.png, manifest.jsonl.")
@@ -30,8 +30,9 @@ def main(argv):
         read_prompts,
         write_outputs,
     )
+    from train.log_setup import setup_logging
 
-    logging.set_verbosity(logging.INFO)
+    setup_logging()
     prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
     if _NUM.value < 1:
         raise app.UsageError("--num_images_per_prompt must be >= 1")

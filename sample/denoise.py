@@ -32,10 +32,10 @@ def make_denoise_fn(
     timestep_spacing: str = "trailing",
     image_shape: tuple[int, int, int],
 ):
-    """Returns denoise(params, context, uncond_context, keys) -> images in [-1, 1], NHWC.
+    """Returns denoise(params, cond, uncond, keys) -> images in [-1, 1], NHWC.
 
-    context/uncond_context: [B, L, D] encoder states of the prompts and of the negative
-    (empty) prompt; keys: [B, 2] uint32 per-image keys.
+    cond/uncond: text conditioning {"hidden": [B, L, D], "pooled": [B, D]} of the prompts and
+    of the negative (empty) prompt; keys: [B, 2] uint32 per-image keys.
     """
     timesteps = sampling_timesteps(num_train_timesteps, steps, timestep_spacing)
     prev_timesteps = np.concatenate([timesteps[1:], [-1]]).astype(np.int32)
@@ -49,7 +49,7 @@ def make_denoise_fn(
             lambda key: jax.random.normal(jax.random.fold_in(key, index), image_shape)
         )(keys)
 
-    def denoise(params, context, uncond_context, keys):
+    def denoise(params, cond, uncond, keys):
         unet = nnx.merge(unet_graphdef, params)
         batch = keys.shape[0]
 
@@ -57,17 +57,21 @@ def make_denoise_fn(
             t_batch = jnp.full((batch,), t, jnp.int32)
             # Scales 0 and 1 need only one pass; otherwise conditional and unconditional run
             # as one doubled batch.
+            def apply(x, t, text):
+                return unet(x, t, text["hidden"], class_labels=text["pooled"])
+
             if cfg_scale == 1.0:
-                return unet(x, t_batch, context)
+                return apply(x, t_batch, cond)
             if cfg_scale == 0.0:
-                return unet(x, t_batch, uncond_context)
-            both = unet(
-                jnp.concatenate([x, x]),
-                jnp.concatenate([t_batch, t_batch]),
-                jnp.concatenate([context, uncond_context]),
+                return apply(x, t_batch, uncond)
+            both_text = jax.tree_util.tree_map(
+                lambda a, b: jnp.concatenate([a, b]), cond, uncond
             )
-            cond, uncond = jnp.split(both, 2)
-            return classifier_free_guidance(cond, uncond, cfg_scale)
+            both = apply(
+                jnp.concatenate([x, x]), jnp.concatenate([t_batch, t_batch]), both_text
+            )
+            cond_out, uncond_out = jnp.split(both, 2)
+            return classifier_free_guidance(cond_out, uncond_out, cfg_scale)
 
         def body(i, x):
             t, t_prev = timesteps_arr[i], prev_arr[i]

@@ -9,12 +9,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from diffusion.schedules import make_schedule
-from models.factory import abstract_unet, build_frozen_text_encoder
+from models.factory import abstract_unet, build_frozen_text_encoder, text_conditioning_fn
 from sample.denoise import denoise_fn_from_config, image_grid, image_keys, to_uint8
 from train import checkpoint
 from train.sharding import batch_sharding, make_mesh, replicated, tree_shardings
@@ -107,7 +106,7 @@ def generate(model: LoadedModel, prompts: Sequence[str], options: SampleOptions,
     param_shardings = jax.tree_util.tree_map(lambda _: rep, model.params)
     jitted = jax.jit(denoise, in_shardings=(param_shardings, data, data, data),
                      out_shardings=data)
-    encode = jax.jit(lambda params, ids: nnx.merge(model.text_graphdef, params)(ids),
+    encode = jax.jit(text_conditioning_fn(config.model, model.tokenizer, model.text_graphdef),
                      out_shardings=data)
 
     per_image_prompts = [p for p in prompts for _ in range(options.num_images_per_prompt)]

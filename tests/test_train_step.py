@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from models.factory import build_frozen_text_encoder, build_unet
+from models.factory import build_frozen_text_encoder, build_unet, text_conditioning_fn
 from train.loop import schedule_from_config
 from train.state import TrainState, ema_decay_at, ema_update, make_optimizer
 from train.step import make_train_step
@@ -27,7 +27,8 @@ def _setup(seed=0):
                        opt_state=optimizer.init(params), ema_params=params,
                        rng=jax.random.PRNGKey(seed))
     step = jax.jit(make_train_step(
-        unet_graphdef=unet_graphdef, text_graphdef=text_graphdef,
+        unet_graphdef=unet_graphdef,
+        encode_text=text_conditioning_fn(config.model, tokenizer, text_graphdef),
         schedule=schedule_from_config(config), optimizer=optimizer, learning_rate_fn=lr_fn,
         config=config, empty_input_ids=jnp.asarray(tokenizer([""])[0])))
     rng = np.random.default_rng(seed)

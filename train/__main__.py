@@ -18,9 +18,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
+    from train.log_setup import setup_logging
     from train.loop import train_and_evaluate
 
-    logging.set_verbosity(logging.INFO)
+    setup_logging()
     logging.info("JAX devices: %d (%s), processes: %d", jax.device_count(),
                  jax.default_backend(), jax.process_count())
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)

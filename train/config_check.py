@@ -49,7 +49,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
     _choice("data.source", data.source, DATA_SOURCES)
     if data.source == "tar" and not data.shards:
-        raise ConfigError("config.data.shards is empty; data.source='tar' needs shard paths or URLs")
+        raise ConfigError(
+            "config.data.shards is empty; data.source='tar' needs shard paths or URLs"
+        )
     _positive("data.image_size", data.image_size)
     _positive("data.shuffle_buffer", data.shuffle_buffer, allow_zero=True)
 
@@ -83,6 +85,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.model.unet.cross_attention_dim={unet.cross_attention_dim} must equal "
             f"config.model.text_encoder.hidden_size={model.text_encoder.hidden_size}"
+        )
+    _choice("model.text_encoder.pooling", model.text_encoder.pooling, ("eos", "mean"))
+    if unet.get("class_embed_type") == "projection" and (
+        unet.projection_class_embeddings_input_dim != unet.cross_attention_dim
+    ):
+        raise ConfigError(
+            "config.model.unet.projection_class_embeddings_input_dim="
+            f"{unet.projection_class_embeddings_input_dim} must equal the text encoder width "
+            f"({unet.cross_attention_dim}): it receives the pooled prompt embedding"
         )
     _choice("model.dtype", model.dtype, DTYPES)
 

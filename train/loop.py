@@ -17,7 +17,12 @@ from data_pipeline.pipeline import make_train_iterator
 from data_pipeline.shards import expand_shards
 from data_pipeline.synthetic import write_synthetic_shards
 from diffusion.schedules import make_schedule
-from models.factory import abstract_unet, build_frozen_text_encoder, build_unet
+from models.factory import (
+    abstract_unet,
+    build_frozen_text_encoder,
+    build_unet,
+    text_conditioning_fn,
+)
 from sample.denoise import denoise_fn_from_config, image_grid, image_keys, to_uint8
 from train import checkpoint
 from train.config_check import validate_config
@@ -134,6 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     replicated_sharding = replicated(mesh)
     text_params = jax.device_put(text_params, replicated_sharding)
     empty_ids = jnp.asarray(tokenizer([""])[0])
+    encode_text = text_conditioning_fn(config.model, tokenizer, text_graphdef)
     unet_graphdef, _ = abstract_unet(config.model)
     optimizer, learning_rate_fn = make_optimizer(config.optim, train_cfg.num_train_steps)
     base_rng = jax.random.PRNGKey(config.seed)
@@ -167,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     text_shardings = jax.tree_util.tree_map(lambda _: replicated_sharding, text_params)
     train_step = make_train_step(
         unet_graphdef=unet_graphdef,
-        text_graphdef=text_graphdef,
+        encode_text=encode_text,
         schedule=schedule,
         optimizer=optimizer,
         learning_rate_fn=learning_rate_fn,
@@ -197,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     writer = MetricWriter(workdir, enabled=is_main)
     sample_grid = _make_sample_grid_fn(
-        config, unet_graphdef, schedule, tokenizer, text_graphdef, text_params
+        config, unet_graphdef, schedule, tokenizer, encode_text, text_params
     )
     data_iter = make_train_iterator(
         shards,
@@ -274,12 +280,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return summary
 
 
-def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, text_graphdef, text_params):
+def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, encode_text, text_params):
     """EMA samples for config.train.sample_prompts, tiled into one grid image."""
     prompts = list(config.train.sample_prompts)
     if not prompts:
         return lambda params: np.zeros((1, 1, 3), np.uint8)
-    encode = jax.jit(lambda params, ids: nnx.merge(text_graphdef, params)(ids))
+    encode = jax.jit(encode_text)
     context = encode(text_params, jnp.asarray(tokenizer(prompts)))
     uncond = encode(text_params, jnp.asarray(tokenizer([""] * len(prompts))))
     keys = image_keys(config.seed, np.arange(len(prompts)))

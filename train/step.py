@@ -18,7 +18,7 @@ def images_to_model_space(images_uint8: jax.Array) -> jax.Array:
 def make_train_step(
     *,
     unet_graphdef,
-    text_graphdef,
+    encode_text,
     schedule,
     optimizer: optax.GradientTransformation,
     learning_rate_fn,
@@ -27,8 +27,9 @@ def make_train_step(
 ):
     """Returns train_step(state, text_params, batch) -> (state, metrics).
 
-    The text encoder's parameters are an input, not part of the state: they get no gradient
-    and never reach the optimizer.
+    `encode_text(text_params, input_ids) -> {"hidden", "pooled"}` runs the frozen encoder; its
+    parameters are an input, not part of the state: they get no gradient and never reach the
+    optimizer.
     """
     diffusion = config.diffusion
     dropout_prob = config.train.caption_dropout_prob
@@ -45,8 +46,7 @@ def make_train_step(
         # Classifier-free guidance: some captions become the empty prompt.
         dropped = jax.random.bernoulli(rng_drop, dropout_prob, (batch_size,))
         input_ids = jnp.where(dropped[:, None], empty_input_ids[None, :], input_ids)
-        text_encoder = nnx.merge(text_graphdef, jax.lax.stop_gradient(text_params))
-        context = text_encoder(input_ids)
+        cond = encode_text(jax.lax.stop_gradient(text_params), input_ids)
 
         timesteps = jax.random.randint(rng_t, (batch_size,), 0, num_train_timesteps)
         noise = jax.random.normal(rng_noise, images.shape, jnp.float32)
@@ -54,7 +54,7 @@ def make_train_step(
 
         def loss_fn(params):
             unet = nnx.merge(unet_graphdef, params)
-            prediction = unet(noisy, timesteps, context)
+            prediction = unet(noisy, timesteps, cond["hidden"], class_labels=cond["pooled"])
             loss, _ = diffusion_loss(
                 diffusion.prediction_type,
                 schedule,
