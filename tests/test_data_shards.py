@@ -64,7 +64,7 @@ def test_failed_writer_leaves_no_shard(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-@pytest.mark.parametrize("compression", ["", "gz"])
+@pytest.mark.parametrize("compression", ["", "gz", "bz2", "xz"])
 def test_reads_tars_written_by_other_tools(tmp_path, fmt, compression):
     # Long names (GNU long-name and pax records), directories, keys with folders, a multi-dot
     # extension, a member without extension: grouping must match the WebDataset rules.
@@ -78,7 +78,7 @@ def test_reads_tars_written_by_other_tools(tmp_path, fmt, compression):
         ("README", b"no extension"),
         ("c.TXT", b"upper"),
     ]
-    path = tmp_path / f"other.tar{'.gz' if compression else ''}"
+    path = tmp_path / f"other.tar{'.' + compression if compression else ''}"
     with tarfile.open(path, f"w:{compression}", format=fmt) as archive:
         for name, payload in members:
             info = tarfile.TarInfo(name)
@@ -96,32 +96,63 @@ def test_reads_tars_written_by_other_tools(tmp_path, fmt, compression):
     assert samples[2]["txt"] == b"upper"
 
 
-def test_truncated_shard_yields_complete_samples_then_raises(tmp_path):
-    path = _write_shard(tmp_path / "cut.tar", 10)
-    data = open(path, "rb").read()
-    with open(path, "wb") as handle:
-        handle.write(data[: len(data) // 2 + 100])
+def _keys_read_before_error(path, match):
     got = []
-    with pytest.raises(tarfile.ReadError):
-        for sample in iter_tar_samples(path):
+    with pytest.raises(tarfile.ReadError, match=match):
+        for sample in iter_tar_samples(str(path)):
             got.append(sample)
-    assert 2 <= len(got) < 10
     assert all(set(s) == {"__key__", "__url__", "png", "txt"} for s in got)
+    return [s["__key__"] for s in got]
 
-    # Cut exactly between members, after sample 5's image (each member here is 1 KiB): tarfile
-    # would call that a normal end; the missing end-of-archive blocks give it away.
-    with open(path, "wb") as handle:
-        handle.write(data[: 5 * 2048 + 1024])
-    got = []
-    with pytest.raises(tarfile.ReadError, match="end-of-archive"):
-        for sample in iter_tar_samples(path):
-            got.append(sample)
-    assert [s["__key__"] for s in got] == [f"{i:09d}" for i in range(5)]
 
+# In these shards every member is a 512-byte header and one 512-byte payload block: sample i
+# starts at byte i * 2048 and its caption member at i * 2048 + 1024.
+@pytest.mark.parametrize(
+    "cut, match, num_complete",
+    [
+        (5 * 2048 + 1536 + 4, "unexpected end of data", 5),  # in sample 5's caption payload
+        (5 * 2048 + 1024 + 100, "end-of-archive", 5),  # in the caption's header
+        (5 * 2048 + 1024, "end-of-archive", 5),  # between sample 5's image and caption
+        # In sample 5's image payload: sample 4 is known complete only once a member with
+        # another key has been read whole.
+        (5 * 2048 + 512 + 50, "unexpected end of data", 4),
+    ],
+)
+def test_truncated_shard_yields_complete_samples_then_raises(tmp_path, cut, match, num_complete):
+    data = open(_write_shard(tmp_path / "full.tar", 10), "rb").read()
+    path = tmp_path / "cut.tar"
+    path.write_bytes(data[:cut])
+    keys = _keys_read_before_error(path, match)
+    assert keys == [f"{i:09d}" for i in range(num_complete)]
+
+
+def test_truncated_compressed_shard_raises(tmp_path):
+    data = open(_write_shard(tmp_path / "full.tar", 10), "rb").read()
     gz_path = tmp_path / "cut.tar.gz"
+    gz_path.write_bytes(gzip.compress(data[: 5 * 2048 + 1024]))
+    assert _keys_read_before_error(gz_path, "end-of-archive") == [f"{i:09d}" for i in range(5)]
     gz_path.write_bytes(gzip.compress(data)[:-200])
     with pytest.raises((tarfile.ReadError, EOFError, OSError)):
         list(iter_tar_samples(str(gz_path)))
+
+
+def test_corrupt_header_raises_instead_of_ending_the_shard(tmp_path):
+    # tarfile alone stops at a header with a bad checksum as if the archive ended there.
+    data = bytearray(open(_write_shard(tmp_path / "full.tar", 10), "rb").read())
+    data[5 * 2048 + 1024] ^= 0xFF
+    path = tmp_path / "corrupt.tar"
+    path.write_bytes(bytes(data))
+    assert _keys_read_before_error(path, "unreadable tar header") == [f"{i:09d}" for i in range(5)]
+
+
+def test_end_of_archive_with_trailing_padding_is_a_normal_end(tmp_path):
+    data = open(_write_shard(tmp_path / "full.tar", 3), "rb").read()
+    path = tmp_path / "padded.tar"
+    # One end-of-archive block is enough for GNU tar, and writers pad to records of any size.
+    path.write_bytes(data[: 3 * 2048 + 512])
+    assert len(list(iter_tar_samples(str(path)))) == 3
+    path.write_bytes(data + bytes(50_000))
+    assert len(list(iter_tar_samples(str(path)))) == 3
 
 
 def test_expand_shards(shard_dir):

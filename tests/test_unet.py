@@ -285,3 +285,37 @@ def test_timestep_embedding_matches_diffusers(flip_sin_to_cos, freq_shift, dim):
     out = timestep_embedding(jnp.asarray(timesteps), dim, flip_sin_to_cos=flip_sin_to_cos,
                              freq_shift=freq_shift)
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-4)
+
+
+PROJECTED = MINI | dict(class_embed_type="projection", projection_class_embeddings_input_dim=6)
+
+
+def test_projection_class_embedding_conditions_output():
+    model = _fill_params(_abstract_unet(PROJECTED), seed=1)
+    sample, timesteps, context = _inputs(PROJECTED, length=3)
+    labels = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6)), jnp.float32)
+    apply = nnx.jit(lambda m, labels: m(sample, timesteps, context, class_labels=labels))
+    assert not np.allclose(apply(model, labels), apply(model, labels + 1.0), atol=1e-4)
+    with pytest.raises(ValueError, match="pass class_labels"):
+        model(sample, timesteps, context)
+
+
+def test_projection_class_embedding_matches_diffusers():
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    reference = _randomised(torch, diffusers.UNet2DConditionModel(**PROJECTED))
+    state = _state(reference)
+    model = _abstract_unet(unet_kwargs_from_diffusers_config(dict(reference.config)))
+    assert flat_param_names(model, layout="torch") == {k: v.shape for k, v in state.items()}
+    load_torch_state_dict(model, state)
+    sample, timesteps, context = _inputs(PROJECTED, length=3)
+    labels = np.random.default_rng(2).standard_normal((2, 6)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(
+            _nchw(torch, sample), torch.from_numpy(np.array(timesteps)),
+            torch.from_numpy(np.array(context)), class_labels=torch.from_numpy(labels),
+        ).sample.permute(0, 2, 3, 1).numpy()
+    out = np.asarray(nnx.jit(
+        lambda m: m(sample, timesteps, context, class_labels=jnp.asarray(labels)))(model))
+    np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
