@@ -197,7 +197,9 @@ def test_rejects_unsupported_options(tiny_unet):
     with pytest.raises(ValueError, match="norm_num_groups"):
         _abstract_unet(TINY | {"norm_num_groups": 3})
     with pytest.raises(ValueError, match="class_embed_type"):
-        unet_kwargs_from_diffusers_config(TINY | {"class_embed_type": "timestep"})
+        _abstract_unet(TINY | {"class_embed_type": "timestep"})
+    with pytest.raises(ValueError, match="addition_embed_type='text_time'"):
+        unet_kwargs_from_diffusers_config(TINY | {"addition_embed_type": "text_time"})
     with pytest.raises(ValueError, match="multiples of 2"):
         _apply(tiny_unet, jnp.zeros((1, 6, 5, 4)), 1, jnp.zeros((1, 2, 12)))
 
