@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     # "projection" class embedding): a global path that learns much faster than cross-attention.
     unet.class_embed_type = "projection"
     unet.projection_class_embeddings_input_dim = 128
+    # Row/column channels appended to the input, so prompts naming a position are followed
+    # from early on (convolutions alone learn absolute position slowly, from the padding).
+    unet.coordinate_channels = True
     model.text_encoder = text = ml_collections.ConfigDict()
     # "demo": byte-level tokenizer + a small CLIP-style transformer from a fixed seed (no download).
     # "clip": a Hugging Face-layout directory named by `pretrained_path`.

@@ -359,6 +359,7 @@ class UNet2DConditionModel(nnx.Module):
         upcast_attention: bool = False,
         class_embed_type: str | None = None,
         projection_class_embeddings_input_dim: int | None = None,
+        coordinate_channels: bool = False,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         remat: bool = False,
@@ -439,7 +440,13 @@ class UNet2DConditionModel(nnx.Module):
                 ),
             }
 
-        self.conv_in = _conv(in_channels, block_out_channels[0], 3, **kw)
+        # Optional (not a diffusers option): two extra input channels holding each pixel's row
+        # and column in [-1, 1]. Convolutions alone only learn absolute position slowly, from
+        # the zero padding; a prompt that says "top left" needs it from the first step. The
+        # parameters stay a diffusers set: those of a UNet with in_channels + 2.
+        self.coordinate_channels = coordinate_channels
+        self.conv_in = _conv(in_channels + 2 * coordinate_channels, block_out_channels[0], 3,
+                             **kw)
         self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, **kw)
         # diffusers' "projection" class embedding: a vector per example (here the pooled text
         # embedding) mapped into the timestep embedding, so every resnet sees the whole prompt.
@@ -521,6 +528,9 @@ class UNet2DConditionModel(nnx.Module):
                 raise ValueError("this UNet has a class embedding: pass class_labels")
             temb = temb + self.class_embedding(class_labels.astype(self.dtype))
 
+        if self.coordinate_channels:
+            sample = jnp.concatenate([sample, coordinate_grid(batch, height, width, self.dtype)],
+                                     axis=-1)
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
@@ -531,6 +541,14 @@ class UNet2DConditionModel(nnx.Module):
             x = block(x, skips, temb, context)
         x = self.conv_out(nnx.silu(self.conv_norm_out(x)))
         return x.astype(jnp.float32)
+
+
+def coordinate_grid(batch: int, height: int, width: int, dtype=jnp.float32) -> jax.Array:
+    """[batch, height, width, 2]: each pixel's (row, column) centre, scaled to [-1, 1]."""
+    rows = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2 - 1
+    cols = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2 - 1
+    grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), axis=-1).astype(dtype)
+    return jnp.broadcast_to(grid[None], (batch, height, width, 2))
 
 
 # diffusers UNet2DConditionModel options we do not model, with the value that switches them off.
@@ -562,7 +580,7 @@ _INERT_DIFFUSERS_OPTIONS = {
     "addition_embed_type_num_heads": "any",
 }
 
-_OWN_KWARGS = ("dtype", "param_dtype", "remat", "rngs")
+_OWN_KWARGS = ("coordinate_channels", "dtype", "param_dtype", "remat", "rngs")
 
 
 def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:

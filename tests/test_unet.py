@@ -16,6 +16,7 @@ from models.hf_weights import flat_param_names, load_torch_state_dict, to_torch_
 from models.unet import (
     Transformer2DModel,
     UNet2DConditionModel,
+    coordinate_grid,
     timestep_embedding,
     unet_kwargs_from_diffusers_config,
 )
@@ -321,3 +322,38 @@ def test_projection_class_embedding_matches_diffusers():
     out = np.asarray(nnx.jit(
         lambda m: m(sample, timesteps, context, class_labels=jnp.asarray(labels)))(model))
     np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_coordinate_grid():
+    grid = np.asarray(coordinate_grid(2, 4, 8))
+    assert grid.shape == (2, 4, 8, 2)
+    # Pixel centres: rows vary along height only, columns along width only, symmetric about 0.
+    np.testing.assert_allclose(grid[0, :, 0, 0], [-0.75, -0.25, 0.25, 0.75])
+    np.testing.assert_allclose(grid[0, 0, :, 1], (np.arange(8) + 0.5) / 4 - 1)
+    assert np.all(grid[:, :, :, 0] == grid[:, :, :1, 0]) and np.all(grid[1] == grid[0])
+
+
+COORDS = MINI | dict(in_channels=3)
+
+
+def test_coordinate_channels_match_diffusers_with_two_more_inputs():
+    """With coordinate_channels the parameters are exactly those of a diffusers UNet taking
+    in_channels + 2 inputs, and the output is that UNet's on (sample, row, column)."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    reference = _randomised(torch, diffusers.UNet2DConditionModel(**COORDS | {"in_channels": 5}))
+    state = _state(reference)
+    model = _abstract_unet(COORDS, coordinate_channels=True)
+    assert flat_param_names(model, layout="torch") == {k: v.shape for k, v in state.items()}
+    load_torch_state_dict(model, state)
+    sample, timesteps, context = _inputs(COORDS)
+    with_coords = jnp.concatenate([sample, coordinate_grid(2, 4, 4)], axis=-1)
+    with torch.no_grad():
+        expected = reference(
+            _nchw(torch, with_coords), torch.from_numpy(np.array(timesteps)),
+            torch.from_numpy(np.array(context)),
+        ).sample.permute(0, 2, 3, 1).numpy()
+    out = np.asarray(_apply(model, sample, timesteps, context))
+    np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
+
