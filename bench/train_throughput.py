@@ -1,10 +1,12 @@
 """Train-step throughput of a config on this machine, as one JSON line.
 
-    python bench/train_throughput.py [--config configs/demo.py] [--steps 20]
+    python bench/train_throughput.py [--config configs/demo.py] [--steps 20] [--host_devices 2]
 
 Reports step time, images/s, XLA's FLOP count per step, and the achieved FLOP/s as a ratio of
 a jitted float32 2048x2048 matmul measured in the same process (the machine's practical peak),
-so figures from a noisy shared machine stay comparable.
+so figures from a noisy shared machine stay comparable. The step runs as training runs it:
+jitted with the batch sharded over a `data` mesh of all devices; `--host_devices N` splits the
+CPU into N XLA devices first (data parallelism across cores).
 """
 
 import argparse
@@ -14,6 +16,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--host_devices" in sys.argv:  # must be set before jax is imported
+    _count = sys.argv[sys.argv.index("--host_devices") + 1]
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_count}"
+    )
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -26,6 +33,7 @@ from models.factory import (  # noqa: E402
     text_conditioning_fn,
 )
 from train.loop import schedule_from_config  # noqa: E402
+from train.sharding import batch_sharding, make_mesh, replicated  # noqa: E402
 from train.state import TrainState, make_optimizer  # noqa: E402
 from train.step import make_train_step  # noqa: E402
 
@@ -54,6 +62,8 @@ def main():
     parser.add_argument("--config", default="configs/demo.py")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--host_devices", type=int, default=None,
+                        help="CPU only: split the host into this many XLA devices")
     args = parser.parse_args()
     config = load_config(args.config)
     batch_size = args.batch_size or config.train.global_batch_size
@@ -65,17 +75,22 @@ def main():
                        opt_state=optimizer.init(params),
                        ema_params=jax.tree_util.tree_map(jnp.copy, params),
                        rng=jax.random.PRNGKey(0))
+    mesh = make_mesh([("data", -1)])
+    rep, data = replicated(mesh), batch_sharding(mesh, ("data",))
+    state = jax.device_put(state, rep)
+    text_params = jax.device_put(text_params, rep)
     step_fn = jax.jit(make_train_step(
         unet_graphdef=unet_graphdef,
         encode_text=text_conditioning_fn(config.model, tokenizer, text_graphdef),
         schedule=schedule_from_config(config), optimizer=optimizer, learning_rate_fn=lr_fn,
-        config=config, empty_input_ids=jnp.asarray(tokenizer([""])[0])), donate_argnums=(0,))
+        config=config, empty_input_ids=jnp.asarray(tokenizer([""])[0])),
+        in_shardings=(rep, rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
     size = config.data.image_size
     rng = np.random.default_rng(0)
-    batch = {
-        "images": jnp.asarray(rng.integers(0, 256, (batch_size, size, size, 3), np.uint8)),
-        "input_ids": jnp.asarray(tokenizer(["a red circle in the top left"] * batch_size)),
-    }
+    batch = jax.device_put({
+        "images": rng.integers(0, 256, (batch_size, size, size, 3), np.uint8),
+        "input_ids": np.asarray(tokenizer(["a red circle in the top left"] * batch_size)),
+    }, data)
     compiled = step_fn.lower(state, text_params, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost

@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     # "projection" class embedding): a global path that learns much faster than cross-attention.
     unet.class_embed_type = "projection"
     unet.projection_class_embeddings_input_dim = 128
+    # "scale_shift": the embedding (timestep + pooled prompt) scales and shifts each resnet's
+    # normalised features (FiLM) instead of only being added to them ("default").
+    unet.resnet_time_scale_shift = "default"
     # Row/column channels appended to the input, so prompts naming a position are followed
     # from early on (convolutions alone learn absolute position slowly, from the padding).
     unet.coordinate_channels = True
@@ -88,7 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = train = ml_collections.ConfigDict()
     train.global_batch_size = 64
-    train.num_train_steps = 1500
+    train.num_train_steps = 1100
     train.caption_dropout_prob = 0.1
     train.log_every_steps = 25
     train.checkpoint_every_steps = 500

@@ -79,12 +79,16 @@ class TimestepEmbedding(nnx.Module):
 
 
 class ResnetBlock2D(nnx.Module):
-    def __init__(self, in_channels, out_channels, temb_channels, *, groups, eps, dropout, dtype,
-                 param_dtype, rngs):
+    def __init__(self, in_channels, out_channels, temb_channels, *, groups, eps, dropout,
+                 time_scale_shift="default", dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = _group_norm(in_channels, groups, eps, **kw)
         self.conv1 = _conv(in_channels, out_channels, 3, **kw)
-        self.time_emb_proj = _linear(temb_channels, out_channels, **kw)
+        # "default" adds the embedding to the features; "scale_shift" (FiLM, as diffusers'
+        # resnet_time_scale_shift) scales and shifts the normalised features with it.
+        self.time_scale_shift = time_scale_shift
+        proj_channels = 2 * out_channels if time_scale_shift == "scale_shift" else out_channels
+        self.time_emb_proj = _linear(temb_channels, proj_channels, **kw)
         self.norm2 = _group_norm(out_channels, groups, eps, **kw)
         self.dropout = _dropout(dropout, rngs)
         self.conv2 = _conv(out_channels, out_channels, 3, **kw)
@@ -94,8 +98,13 @@ class ResnetBlock2D(nnx.Module):
 
     def __call__(self, x, temb):
         hidden = self.conv1(nnx.silu(self.norm1(x)))
-        hidden = hidden + self.time_emb_proj(nnx.silu(temb))[:, None, None, :]
-        hidden = self.conv2(self.dropout(nnx.silu(self.norm2(hidden))))
+        emb = self.time_emb_proj(nnx.silu(temb))[:, None, None, :]
+        if self.time_scale_shift == "scale_shift":
+            scale, shift = jnp.split(emb, 2, axis=-1)
+            hidden = self.norm2(hidden) * (1.0 + scale) + shift
+        else:
+            hidden = self.norm2(hidden + emb)
+        hidden = self.conv2(self.dropout(nnx.silu(hidden)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + hidden
@@ -359,6 +368,7 @@ class UNet2DConditionModel(nnx.Module):
         upcast_attention: bool = False,
         class_embed_type: str | None = None,
         projection_class_embeddings_input_dim: int | None = None,
+        resnet_time_scale_shift: str = "default",
         coordinate_channels: bool = False,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
@@ -423,7 +433,13 @@ class UNet2DConditionModel(nnx.Module):
         self.num_upsamplers = num_blocks - 1
 
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        resnet_kw = dict(groups=norm_num_groups, eps=norm_eps, dropout=dropout)
+        if resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ValueError(
+                f"resnet_time_scale_shift: {resnet_time_scale_shift!r} is not one of "
+                "('default', 'scale_shift')"
+            )
+        resnet_kw = dict(groups=norm_num_groups, eps=norm_eps, dropout=dropout,
+                         time_scale_shift=resnet_time_scale_shift)
         time_embed_dim = block_out_channels[0] * 4
         self.time_proj_dim = block_out_channels[0]
 
@@ -563,7 +579,6 @@ _INERT_DIFFUSERS_OPTIONS = {
     "addition_embed_type": None,
     "addition_time_embed_dim": None,
     "num_class_embeds": None,
-    "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional",

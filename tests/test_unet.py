@@ -357,3 +357,28 @@ def test_coordinate_channels_match_diffusers_with_two_more_inputs():
     out = np.asarray(_apply(model, sample, timesteps, context))
     np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
 
+
+
+def test_scale_shift_resnets_match_diffusers():
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    options = TINY | {"resnet_time_scale_shift": "scale_shift"}
+    reference = _randomised(torch, diffusers.UNet2DConditionModel(**options))
+    state = _state(reference)
+    model = _abstract_unet(unet_kwargs_from_diffusers_config(dict(reference.config)))
+    assert flat_param_names(model, layout="torch") == {k: v.shape for k, v in state.items()}
+    load_torch_state_dict(model, state)
+    sample, timesteps, context = _inputs(options)
+    with torch.no_grad():
+        expected = reference(
+            _nchw(torch, sample), torch.from_numpy(np.array(timesteps)),
+            torch.from_numpy(np.array(context)),
+        ).sample.permute(0, 2, 3, 1).numpy()
+    out = np.asarray(_apply(model, sample, timesteps, context))
+    np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
+    # The additive variant of the same weights would differ (time_emb_proj is twice as wide).
+    assert model.down_blocks[0].resnets[0].time_emb_proj.kernel.shape[-1] == 2 * TINY[
+        "block_out_channels"][0]
+    with pytest.raises(ValueError, match="resnet_time_scale_shift"):
+        _abstract_unet(TINY | {"resnet_time_scale_shift": "scale"})

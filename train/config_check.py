@@ -78,6 +78,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config.model.unet.block_out_channels entry {channels} is not divisible by "
                 f"norm_num_groups={unet.norm_num_groups}"
             )
+    _choice("model.unet.resnet_time_scale_shift", unet.get("resnet_time_scale_shift", "default"),
+            ("default", "scale_shift"))
     _choice("model.text_encoder.kind", model.text_encoder.kind, TEXT_ENCODERS)
     if model.text_encoder.kind == "demo" and (
         unet.cross_attention_dim != model.text_encoder.hidden_size

@@ -97,7 +97,7 @@ def _log_compiled(compiled, num_devices: int) -> dict:
     except Exception:
         pass
     logging.info(
-        "compiled train step on %d devices: %s",
+        "compiled train step on %d devices (per device): %s",
         num_devices,
         ", ".join(f"{k}={v:.4g}" for k, v in figures.items()) or "no cost figures",
     )

@@ -1,0 +1,58 @@
+"""--cpu_devices: splitting a CPU host into XLA devices before jax is imported."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from train.host_devices import apply_cpu_devices_flag, auto_device_count, split_host_cpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_auto_count_is_one_per_core_dividing_the_batch():
+    assert auto_device_count(64, cpu_count=2) == 2
+    assert auto_device_count(64, cpu_count=6) == 4  # 6 and 5 do not divide 64
+    assert auto_device_count(48, cpu_count=64) == 8  # capped
+    assert auto_device_count(7, cpu_count=4) == 1
+    assert auto_device_count(None, cpu_count=3) == 3
+
+
+def _devices_after(code: str, xla_flags: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    script = (
+        "import os\nfrom train.host_devices import apply_cpu_devices_flag\n"
+        f"{code}\nimport jax\nprint(jax.device_count(), os.environ.get('XLA_FLAGS', ''))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120, check=True)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_flag_sets_the_device_count_before_jax_starts():
+    out = _devices_after("apply_cpu_devices_flag(3)", None)
+    assert out.startswith("3 ") and "--xla_cpu_multi_thread_eigen=false" in out
+    assert _devices_after("apply_cpu_devices_flag(0)", None).split()[0] == "1"
+
+
+def test_an_existing_device_count_wins():
+    out = _devices_after("apply_cpu_devices_flag(3)", "--xla_force_host_platform_device_count=5")
+    assert out.split()[0] == "5" and "eigen" not in out
+
+
+def test_misuse_is_an_error():
+    # This test process has jax imported already: the flags could no longer take effect.
+    import jax  # noqa: F401
+
+    saved = os.environ.pop("XLA_FLAGS", None)
+    try:
+        with pytest.raises(RuntimeError, match="before jax is imported"):
+            split_host_cpu(2)
+    finally:
+        if saved is not None:
+            os.environ["XLA_FLAGS"] = saved
+    with pytest.raises(ValueError, match="--cpu_devices=-3"):
+        apply_cpu_devices_flag(-3)

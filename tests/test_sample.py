@@ -1,0 +1,146 @@
+"""The sampler on the tiny config: per-image seeding, guidance paths, solvers, output files."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from configs import tiny
+from models.factory import build_frozen_text_encoder, build_unet
+from sample.pipeline import (
+    EmptyPromptListError,
+    LoadedModel,
+    SampleOptions,
+    generate,
+    read_prompts,
+    write_outputs,
+)
+from train.sharding import make_mesh, replicated
+
+PROMPTS = ["a red circle in the top left", "a blue square in the center", "a green triangle"]
+
+
+def _model(devices) -> LoadedModel:
+    config = tiny.get_config()
+    mesh = make_mesh([("data", -1)], devices=devices)
+    # Random weights with a large output scale stand in for a trained UNet: the prompt and
+    # the noise both visibly change the image, which is all these tests need.
+    unet_graphdef, params = nnx.split(build_unet(config.model, nnx.Rngs(3)))
+    params = jax.tree_util.tree_map(lambda p: p * 1.5, params)
+    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model)
+    rep = replicated(mesh)
+    return LoadedModel(config, 7, unet_graphdef, jax.device_put(params, rep), tokenizer,
+                       text_graphdef, jax.device_put(text_params, rep), mesh)
+
+
+@pytest.fixture(scope="module")
+def model8():
+    assert len(jax.devices()) == 8
+    return _model(jax.devices())
+
+
+@pytest.fixture(scope="module")
+def model1():
+    return _model(jax.devices()[:1])
+
+
+def _options(**overrides):
+    values = dict(sampler="ddim", steps=3, cfg_scale=3.0, eta=0.0, seed=11,
+                  num_images_per_prompt=2)
+    values.update(overrides)
+    return SampleOptions(**values)
+
+
+def test_same_seed_same_image_whatever_batch_or_device_count(model8, model1):
+    images, records = generate(model8, PROMPTS, _options(), batch_size=8, progress=False)
+    assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
+    assert [r["image_index"] for r in records] == list(range(6))
+    repeat, _ = generate(model8, PROMPTS, _options(), batch_size=8, progress=False)
+    np.testing.assert_array_equal(images, repeat)
+    # Other batch sizes and device counts compile other programs whose float reductions may
+    # round differently: the same image up to one uint8 level in a few pixels.
+    bigger_batch, _ = generate(model8, PROMPTS, _options(), batch_size=16, progress=False)
+    one_device, _ = generate(model1, PROMPTS, _options(), batch_size=2, progress=False)
+    # Image i of a longer prompt list is the same image i.
+    longer, _ = generate(model8, PROMPTS + ["a yellow circle"], _options(), progress=False)
+    for other in (bigger_batch, one_device, longer[:6]):
+        difference = np.abs(images.astype(int) - other.astype(int))
+        assert difference.max() <= 1 and difference.mean() < 0.05
+
+
+def test_other_seed_or_prompt_gives_other_images(model8):
+    images, _ = generate(model8, PROMPTS, _options(), progress=False)
+    other_seed, _ = generate(model8, PROMPTS, _options(seed=12), progress=False)
+    assert np.abs(images.astype(int) - other_seed.astype(int)).mean() > 2
+    # The two images of one prompt come from different noise.
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).mean() > 2
+    other_prompt, _ = generate(model8, ["a yellow square in the bottom right"] * 3, _options(),
+                               progress=False)
+    assert np.abs(images.astype(int) - other_prompt.astype(int)).mean() > 0.5
+
+
+def test_guidance_scale_zero_is_the_negative_prompt_and_one_is_the_prompt(model8):
+    options = _options(num_images_per_prompt=1)
+    # Scale 0 uses only the unconditional (negative-prompt) branch ...
+    scale0, _ = generate(model8, PROMPTS, _options(num_images_per_prompt=1, cfg_scale=0.0,
+                                                   negative_prompt="a grey background"),
+                         progress=False)
+    negative_as_prompt, _ = generate(model8, ["a grey background"] * 3,
+                                     _options(num_images_per_prompt=1, cfg_scale=1.0),
+                                     progress=False)
+    assert np.abs(scale0.astype(int) - negative_as_prompt.astype(int)).max() <= 1
+    # ... scale 1 only the conditional one; a larger scale differs from both.
+    scale1, _ = generate(model8, PROMPTS, _options(num_images_per_prompt=1, cfg_scale=1.0),
+                         progress=False)
+    scale3, _ = generate(model8, PROMPTS, options, progress=False)
+    assert np.abs(scale1.astype(int) - scale0.astype(int)).mean() > 0.5
+    assert np.abs(scale3.astype(int) - scale1.astype(int)).mean() > 0.5
+
+
+def test_ddpm_and_stochastic_ddim(model8):
+    ddim, _ = generate(model8, PROMPTS, _options(), progress=False)
+    ddpm, records = generate(model8, PROMPTS, _options(sampler="ddpm"), progress=False)
+    ddpm_again, _ = generate(model8, PROMPTS, _options(sampler="ddpm"), progress=False)
+    eta1, _ = generate(model8, PROMPTS, _options(eta=1.0), progress=False)
+    np.testing.assert_array_equal(ddpm, ddpm_again)
+    assert records[0]["sampler"] == "ddpm"
+    assert np.abs(ddim.astype(int) - ddpm.astype(int)).mean() > 0.5
+    assert np.abs(ddim.astype(int) - eta1.astype(int)).mean() > 0.5
+    with pytest.raises(ValueError, match="sampler"):
+        generate(model8, PROMPTS, _options(sampler="euler"), progress=False)
+
+
+def test_empty_prompt_lists_are_errors(model8, tmp_path):
+    with pytest.raises(EmptyPromptListError, match="no prompts"):
+        generate(model8, [], _options(), progress=False)
+    with pytest.raises(EmptyPromptListError, match="--prompt or --prompts_file"):
+        read_prompts([], None)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\n")
+    with pytest.raises(EmptyPromptListError, match="blank.txt has no non-empty lines"):
+        read_prompts([], str(blank))
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("a red circle\n\n  a blue square  \n")
+    assert read_prompts(["first"], str(listed)) == ["first", "a red circle", "a blue square"]
+
+
+def test_write_outputs_metadata_grid_and_manifest(model8, tmp_path):
+    images, records = generate(model8, PROMPTS[:2], _options(), progress=False)
+    written = write_outputs(str(tmp_path), images, records, columns=2)
+    assert written["count"] == 4
+    manifest = [json.loads(line) for line in open(tmp_path / "manifest.jsonl")]
+    assert [m["prompt"] for m in manifest] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    for entry, image in zip(manifest, images, strict=True):
+        png = Image.open(tmp_path / entry["file"])
+        np.testing.assert_array_equal(np.asarray(png), image)
+        assert png.text["prompt"] == entry["prompt"]
+        assert png.text["seed"] == "11" and png.text["steps"] == "3"
+        assert png.text["cfg_scale"] == "3.0" and png.text["sampler"] == "ddim"
+        assert png.text["checkpoint_step"] == "7"
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 * 17 + 1, 2 * 17 + 1, 3)
+    np.testing.assert_array_equal(grid[1:17, 18:34], images[1])
+
