@@ -59,13 +59,18 @@ def get_config() -> ml_collections.ConfigDict:
     text.kind = "demo"
     text.pretrained_path = ""
     text.seed = 1234
-    text.max_length = 48
+    # Byte-level tokens: the longest synthetic caption (two shapes and a background) is 105
+    # bytes, and a truncated caption loses its position or background words.
+    text.max_length = 112
     text.hidden_size = 128
     text.intermediate_size = 256
     text.num_hidden_layers = 2
     text.num_attention_heads = 4
     # Pooled prompt vector: "eos" (CLIP's end-token feature) or "mean" over tokens.
-    text.pooling = "mean"
+    # With a random causal encoder, "mean" is dominated by the first words (every later token
+    # attends to them); the end token sits right after the position words and weighs colour,
+    # shape and position more evenly (measured on the demo captions).
+    text.pooling = "eos"
     # Compute dtype of both networks ("float32" or "bfloat16"); parameters stay float32.
     model.dtype = "float32"
 
@@ -76,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.beta_end = 0.012
     diffusion.prediction_type = "v_prediction"
     diffusion.loss_weighting = "min_snr"
+    # "uniform" or "logit_normal" (t = T * sigmoid(logit_mean + logit_std * normal)).
+    diffusion.timestep_sampling = "uniform"
+    diffusion.logit_mean = 0.0
+    diffusion.logit_std = 1.0
     diffusion.min_snr_gamma = 5.0
 
     config.optim = optim = ml_collections.ConfigDict()
@@ -91,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = train = ml_collections.ConfigDict()
     train.global_batch_size = 64
-    train.num_train_steps = 1100
+    train.num_train_steps = 1000
     train.caption_dropout_prob = 0.1
     train.log_every_steps = 25
     train.checkpoint_every_steps = 500

@@ -24,7 +24,6 @@ def get_config():
     config.model.text_encoder.intermediate_size = 64
     config.model.text_encoder.num_hidden_layers = 1
     config.model.text_encoder.num_attention_heads = 2
-    config.model.text_encoder.max_length = 32
     config.optim.warmup_steps = 2
     config.train.global_batch_size = 16
     config.train.num_train_steps = 6

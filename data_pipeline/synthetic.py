@@ -240,6 +240,29 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return f"{joined} on a {scene.background} background"
 
 
+def max_caption_bytes() -> int:
+    """The longest caption `caption()` can write, in UTF-8 bytes (a byte tokenizer's tokens).
+
+    A tokenizer shorter than this (plus its end token) would cut positions and backgrounds
+    off the ends of captions, and the model could never learn them.
+    """
+    longest = 0
+    for colour, shape, position, background in itertools.product(
+        COLOURS, SHAPES, POSITIONS, BACKGROUNDS
+    ):
+        spec = ShapeSpec(colour, shape, position, SIZE_RANGE[1])
+        for template in range(_NUM_SINGLE_TEMPLATES):
+            longest = max(longest, len(_single_caption(spec, background, template).encode()))
+    # Two shapes: the two longest "a <colour> <shape> in the <corner>" phrases and the longest
+    # background.
+    phrases = sorted(
+        len(f"a {c} {s} {_position_phrase(p)}".encode())
+        for c, s, p in itertools.product(COLOURS, SHAPES, _CORNERS)
+    )
+    background = max(len(f" on a {b} background".encode()) for b in BACKGROUNDS)
+    return max(longest, phrases[-1] + phrases[-2] + len(" and ") + background)
+
+
 def all_combinations(
     held_out: Sequence[tuple[str, str]] = DEFAULT_HELD_OUT,
 ) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:

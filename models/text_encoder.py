@@ -197,6 +197,11 @@ class HFTokenizer:
         )["input_ids"]
         return ids.astype(np.int32)
 
+    def truncated(self, texts: Sequence[str]) -> list[str]:
+        """The texts that do not fit in max_length tokens (their ends would be cut off)."""
+        return [text for text in texts
+                if len(self.tokenizer(text, truncation=False)["input_ids"]) > self.max_length]
+
 
 def byte_tokenizer(max_length: int) -> HFTokenizer:
     """UTF-8 bytes as ids (ByT5's scheme: pad 0, end 1, bytes from 3); needs no files."""

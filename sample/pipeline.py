@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
@@ -90,6 +91,12 @@ def generate(model: LoadedModel, prompts: Sequence[str], options: SampleOptions,
     """
     if not prompts:
         raise EmptyPromptListError("no prompts to sample")
+    too_long = model.tokenizer.truncated(list(dict.fromkeys(prompts)))
+    if too_long:
+        logging.warning(
+            "%d prompt(s) exceed the text encoder's %d tokens and are cut off at the end, "
+            "e.g. %r", len(too_long), model.tokenizer.max_length, too_long[0],
+        )
     config = model.config
     diffusion = config.diffusion
     schedule = make_schedule(diffusion.schedule, diffusion.num_train_timesteps,

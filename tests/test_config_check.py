@@ -21,6 +21,10 @@ def test_shipped_configs_are_valid():
         ("model.unet.norm_num_groups", 5, "not divisible by norm_num_groups=5"),
         ("model.text_encoder.kind", "t9", "config.model.text_encoder.kind"),
         ("sample.steps", 0, "config.sample.steps=0"),
+        ("diffusion.timestep_sampling", "beta", "config.diffusion.timestep_sampling='beta'"),
+        ("diffusion.logit_std", 0.0, "config.diffusion.logit_std=0.0 must be > 0"),
+        ("model.unet.resnet_time_scale_shift", "film", "resnet_time_scale_shift='film'"),
+        ("model.text_encoder.max_length", 48, "max_length=48 would truncate the synthetic"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):

@@ -205,3 +205,14 @@ def test_shard_contents(shard_dir):
         image = Image.open(io.BytesIO(sample["png"]))
         assert image.size == (32, 32) and image.mode == "RGB"
     assert colours == set(COLOURS) and shapes == set(SHAPES)
+
+
+def test_max_caption_bytes_bounds_every_caption():
+    from data_pipeline.synthetic import caption, max_caption_bytes, random_scene
+
+    rng = np.random.default_rng(5)
+    lengths = [len(caption(random_scene(rng, two_shape_prob=0.5), rng).encode())
+               for _ in range(3000)]
+    assert max(lengths) <= max_caption_bytes()
+    # The bound is tight enough to size a tokenizer by: real captions come close to it.
+    assert max(lengths) >= max_caption_bytes() - 12

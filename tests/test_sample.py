@@ -144,3 +144,20 @@ def test_write_outputs_metadata_grid_and_manifest(model8, tmp_path):
     assert grid.shape == (2 * 17 + 1, 2 * 17 + 1, 3)
     np.testing.assert_array_equal(grid[1:17, 18:34], images[1])
 
+
+
+def test_prompts_longer_than_the_encoder_are_reported(model8):
+    from absl import logging as absl_logging
+
+    long_prompt = "a red circle " * 20  # 260 bytes for a 112-token byte tokenizer
+    assert model8.tokenizer.truncated([PROMPTS[0], long_prompt]) == [long_prompt]
+    messages = []
+    original = absl_logging.warning
+    absl_logging.warning = lambda fmt, *args: messages.append(fmt % args)
+    try:
+        generate(model8, [PROMPTS[0], long_prompt], _options(num_images_per_prompt=1),
+                 progress=False)
+    finally:
+        absl_logging.warning = original
+    assert len(messages) == 1 and "1 prompt(s) exceed" in messages[0]
+    assert f"{model8.tokenizer.max_length} tokens" in messages[0]

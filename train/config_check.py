@@ -9,6 +9,7 @@ from diffusion.loss import LOSS_WEIGHTINGS
 from diffusion.parameterization import PREDICTION_TYPES
 from diffusion.schedules import SCHEDULES
 from diffusion.solvers import TIMESTEP_SPACINGS
+from diffusion.timestep_sampling import TIMESTEP_SAMPLINGS
 
 SAMPLERS = ("ddim", "ddpm")
 DATA_SOURCES = ("synthetic", "tar")
@@ -88,6 +89,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.model.unet.cross_attention_dim={unet.cross_attention_dim} must equal "
             f"config.model.text_encoder.hidden_size={model.text_encoder.hidden_size}"
         )
+    if data.source == "synthetic" and model.text_encoder.kind == "demo":
+        from data_pipeline.synthetic import max_caption_bytes
+
+        needed = max_caption_bytes() + 1  # + the end token
+        if model.text_encoder.max_length < needed:
+            raise ConfigError(
+                f"config.model.text_encoder.max_length={model.text_encoder.max_length} would "
+                f"truncate the synthetic captions (up to {needed - 1} bytes + end token); use "
+                f">= {needed}"
+            )
     _choice("model.text_encoder.pooling", model.text_encoder.pooling, ("eos", "mean"))
     if unet.get("class_embed_type") == "projection" and (
         unet.projection_class_embeddings_input_dim != unet.cross_attention_dim
@@ -103,6 +114,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice("diffusion.prediction_type", diffusion.prediction_type, PREDICTION_TYPES)
     _choice("diffusion.loss_weighting", diffusion.loss_weighting, LOSS_WEIGHTINGS)
     _positive("diffusion.num_train_timesteps", diffusion.num_train_timesteps)
+    _choice("diffusion.timestep_sampling", diffusion.get("timestep_sampling", "uniform"),
+            TIMESTEP_SAMPLINGS)
+    _positive("diffusion.logit_std", diffusion.get("logit_std", 1.0))
 
     _positive("optim.learning_rate", optim.learning_rate)
     _positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)

@@ -8,6 +8,7 @@ from flax import nnx
 
 from diffusion.loss import diffusion_loss
 from diffusion.parameterization import add_noise
+from diffusion.timestep_sampling import sample_timesteps
 from train.state import TrainState, ema_decay_at, ema_update
 
 
@@ -48,7 +49,10 @@ def make_train_step(
         input_ids = jnp.where(dropped[:, None], empty_input_ids[None, :], input_ids)
         cond = encode_text(jax.lax.stop_gradient(text_params), input_ids)
 
-        timesteps = jax.random.randint(rng_t, (batch_size,), 0, num_train_timesteps)
+        timesteps = sample_timesteps(
+            rng_t, batch_size, num_train_timesteps, diffusion.get("timestep_sampling", "uniform"),
+            logit_mean=diffusion.get("logit_mean", 0.0), logit_std=diffusion.get("logit_std", 1.0),
+        )
         noise = jax.random.normal(rng_noise, images.shape, jnp.float32)
         noisy = add_noise(schedule, images, noise, timesteps)
 
