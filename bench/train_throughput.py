@@ -6,7 +6,8 @@ Reports step time, images/s, XLA's FLOP count per step, and the achieved FLOP/s 
 a jitted float32 2048x2048 matmul measured in the same process (the machine's practical peak),
 so figures from a noisy shared machine stay comparable. The step runs as training runs it:
 jitted with the batch sharded over a `data` mesh of all devices; `--host_devices N` splits the
-CPU into N XLA devices first (data parallelism across cores).
+CPU into N single-threaded XLA devices first (data parallelism across cores), as the CLIs'
+`--cpu_devices` does.
 """
 
 import argparse
@@ -17,10 +18,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "--host_devices" in sys.argv:  # must be set before jax is imported
-    _count = sys.argv[sys.argv.index("--host_devices") + 1]
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_count}"
-    )
+    from train.host_devices import split_host_cpu
+
+    # As the CLIs' --cpu_devices: N single-threaded CPU devices.
+    split_host_cpu(int(sys.argv[sys.argv.index("--host_devices") + 1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -94,7 +95,8 @@ def main():
     compiled = step_fn.lower(state, text_params, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    # XLA reports the cost of one device's partition of the SPMD program.
+    flops = (float(cost.get("flops", 0.0)) if cost else 0.0) * jax.device_count()
     for _ in range(2):
         state, metrics = compiled(state, text_params, batch)
     jax.block_until_ready(metrics)
