@@ -222,18 +222,19 @@ def _state(module):
     return {name: tensor.numpy() for name, tensor in module.state_dict().items()}
 
 
-def test_matches_diffusers(tiny_unet):
+def _load_and_compare_with_diffusers(options):
+    """A randomised diffusers UNet with `options`, loaded into ours; outputs must agree."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    reference = _randomised(torch, diffusers.UNet2DConditionModel(**TINY))
+    reference = _randomised(torch, diffusers.UNet2DConditionModel(**options))
     state = _state(reference)
 
     model = _abstract_unet(unet_kwargs_from_diffusers_config(dict(reference.config)))
     assert flat_param_names(model, layout="torch") == {k: v.shape for k, v in state.items()}
     load_torch_state_dict(model, state)
 
-    sample, timesteps, context = _inputs(TINY)
+    sample, timesteps, context = _inputs(options)
     with torch.no_grad():
         expected = reference(
             _nchw(torch, sample), torch.from_numpy(np.array(timesteps)),
@@ -241,7 +242,11 @@ def test_matches_diffusers(tiny_unet):
         ).sample.permute(0, 2, 3, 1).numpy()
     out = np.asarray(_apply(model, sample, timesteps, context))
     np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
+    return model, state
 
+
+def test_matches_diffusers(tiny_unet):
+    model, state = _load_and_compare_with_diffusers(TINY)
     exported = to_torch_state_dict(model)
     assert all(np.array_equal(exported[name], value) for name, value in state.items())
 
@@ -360,24 +365,8 @@ def test_coordinate_channels_match_diffusers_with_two_more_inputs():
 
 
 def test_scale_shift_resnets_match_diffusers():
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    options = TINY | {"resnet_time_scale_shift": "scale_shift"}
-    reference = _randomised(torch, diffusers.UNet2DConditionModel(**options))
-    state = _state(reference)
-    model = _abstract_unet(unet_kwargs_from_diffusers_config(dict(reference.config)))
-    assert flat_param_names(model, layout="torch") == {k: v.shape for k, v in state.items()}
-    load_torch_state_dict(model, state)
-    sample, timesteps, context = _inputs(options)
-    with torch.no_grad():
-        expected = reference(
-            _nchw(torch, sample), torch.from_numpy(np.array(timesteps)),
-            torch.from_numpy(np.array(context)),
-        ).sample.permute(0, 2, 3, 1).numpy()
-    out = np.asarray(_apply(model, sample, timesteps, context))
-    np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
-    # The additive variant of the same weights would differ (time_emb_proj is twice as wide).
+    model, _ = _load_and_compare_with_diffusers(TINY | {"resnet_time_scale_shift": "scale_shift"})
+    # scale_shift doubles time_emb_proj's outputs (a scale and a shift per channel).
     assert model.down_blocks[0].resnets[0].time_emb_proj.kernel.shape[-1] == 2 * TINY[
         "block_out_channels"][0]
     with pytest.raises(ValueError, match="resnet_time_scale_shift"):
