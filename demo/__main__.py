@@ -13,17 +13,15 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train.host_devices import apply_cpu_devices_flag, define_cpu_devices_flag
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"),
     "Config file.", lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/t2i_demo", "Where data, checkpoints, logs go.")
 _IMAGES = flags.DEFINE_integer("num_images_per_prompt", 4, "Samples per evaluated prompt.")
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", -1,
-    "CPU-only hosts: split the CPU into this many single-threaded XLA devices for data "
-    "parallelism (-1: one per core; 0: leave XLA's defaults). Ignored when XLA_FLAGS already "
-    "sets a device count; no effect on GPU/TPU.")
+_CPU_DEVICES = define_cpu_devices_flag()
 
 
 def run_demo(config, workdir: str, *, num_images_per_prompt: int = 4,
@@ -79,8 +77,6 @@ def run_demo(config, workdir: str, *, num_images_per_prompt: int = 4,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from train.host_devices import apply_cpu_devices_flag
-
     apply_cpu_devices_flag(_CPU_DEVICES.value, _CONFIG.value.train.global_batch_size)
     from train.log_setup import setup_logging
 

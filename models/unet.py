@@ -17,6 +17,7 @@ from flax import nnx
 
 _DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 _UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
+RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
 
 
 def _conv(in_features, out_features, kernel_size, *, stride=1, dtype, param_dtype, rngs):
@@ -433,10 +434,10 @@ class UNet2DConditionModel(nnx.Module):
         self.num_upsamplers = num_blocks - 1
 
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if resnet_time_scale_shift not in ("default", "scale_shift"):
+        if resnet_time_scale_shift not in RESNET_TIME_SCALE_SHIFTS:
             raise ValueError(
                 f"resnet_time_scale_shift: {resnet_time_scale_shift!r} is not one of "
-                "('default', 'scale_shift')"
+                f"{RESNET_TIME_SCALE_SHIFTS}"
             )
         resnet_kw = dict(groups=norm_num_groups, eps=norm_eps, dropout=dropout,
                          time_scale_shift=resnet_time_scale_shift)

@@ -4,6 +4,8 @@ import sys
 
 from absl import app, flags
 
+from train.host_devices import apply_cpu_devices_flag, define_cpu_devices_flag
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for PNGs, grid.png, manifest.jsonl.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for several.")
@@ -18,18 +20,12 @@ _SEED = flags.DEFINE_integer("seed", None, "Seed (default: the config's).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Images per device batch (all devices).")
 flags.mark_flags_as_required(["workdir", "out"])
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", -1,
-    "CPU-only hosts: split the CPU into this many single-threaded XLA devices for data "
-    "parallelism (-1: one per core; 0: leave XLA's defaults). Ignored when XLA_FLAGS already "
-    "sets a device count; no effect on GPU/TPU.")
+_CPU_DEVICES = define_cpu_devices_flag()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from train.host_devices import apply_cpu_devices_flag
-
     apply_cpu_devices_flag(_CPU_DEVICES.value)
     from sample.pipeline import (
         generate,

@@ -6,23 +6,19 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train.host_devices import apply_cpu_devices_flag, define_cpu_devices_flag
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (a get_config() module).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, config.json and TensorBoard logs.")
 flags.mark_flags_as_required(["config", "workdir"])
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", -1,
-    "CPU-only hosts: split the CPU into this many single-threaded XLA devices for data "
-    "parallelism (-1: one per core; 0: leave XLA's defaults). Ignored when XLA_FLAGS already "
-    "sets a device count; no effect on GPU/TPU.")
+_CPU_DEVICES = define_cpu_devices_flag()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from train.host_devices import apply_cpu_devices_flag
-
     apply_cpu_devices_flag(_CPU_DEVICES.value, _CONFIG.value.train.global_batch_size)
     import jax
 

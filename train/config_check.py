@@ -10,6 +10,7 @@ from diffusion.parameterization import PREDICTION_TYPES
 from diffusion.schedules import SCHEDULES
 from diffusion.solvers import TIMESTEP_SPACINGS
 from diffusion.timestep_sampling import TIMESTEP_SAMPLINGS
+from models.unet import RESNET_TIME_SCALE_SHIFTS
 
 SAMPLERS = ("ddim", "ddpm")
 DATA_SOURCES = ("synthetic", "tar")
@@ -80,7 +81,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"norm_num_groups={unet.norm_num_groups}"
             )
     _choice("model.unet.resnet_time_scale_shift", unet.get("resnet_time_scale_shift", "default"),
-            ("default", "scale_shift"))
+            RESNET_TIME_SCALE_SHIFTS)
     _choice("model.text_encoder.kind", model.text_encoder.kind, TEXT_ENCODERS)
     if model.text_encoder.kind == "demo" and (
         unet.cross_attention_dim != model.text_encoder.hidden_size

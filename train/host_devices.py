@@ -23,6 +23,17 @@ def auto_device_count(global_batch_size: int | None = None, cpu_count: int | Non
     return max(d for d in range(1, cores + 1) if global_batch_size % d == 0)
 
 
+def define_cpu_devices_flag():
+    """The CLIs' shared --cpu_devices absl flag (import-time; absl imports no jax)."""
+    from absl import flags
+
+    return flags.DEFINE_integer(
+        "cpu_devices", -1,
+        "CPU-only hosts: split the CPU into this many single-threaded XLA devices for data "
+        "parallelism (-1: one per core; 0: leave XLA's defaults). Ignored when XLA_FLAGS "
+        "already sets a device count; no effect on GPU/TPU.")
+
+
 def apply_cpu_devices_flag(value: int, global_batch_size: int | None = None) -> str | None:
     """The CLIs' --cpu_devices: -1 = one per core (auto), 0 or 1 = leave XLA alone, N = N."""
     if value < -1:

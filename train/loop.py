@@ -93,7 +93,7 @@ def _log_compiled(compiled, num_devices: int) -> dict:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         if cost and "flops" in cost:
-            figures["flops_per_step"] = float(cost["flops"])
+            figures["flops_per_step_per_device"] = float(cost["flops"])
     except Exception:
         pass
     logging.info(
