@@ -80,7 +80,12 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.beta_start = 0.00085
     diffusion.beta_end = 0.012
     diffusion.prediction_type = "v_prediction"
-    diffusion.loss_weighting = "min_snr"
+    # Plain v-prediction MSE ("none"), not Min-SNR: Min-SNR scales the v-loss by
+    # min(snr, gamma) / (snr + 1), close to zero at the high noise levels where the layout (the
+    # shape's position) is decided. Measured at 2000 steps x 64 (H100, same data, 4 images per
+    # prompt): held-in adherence 0.16 with Min-SNR, 0.29 plain at lr 2e-3, 0.92 / 0.88 (two
+    # seeds) plain at lr 4e-3.
+    diffusion.loss_weighting = "none"
     # "uniform" or "logit_normal" (t = T * sigmoid(logit_mean + logit_std * normal)).
     diffusion.timestep_sampling = "uniform"
     diffusion.logit_mean = 0.0
@@ -88,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.min_snr_gamma = 5.0
 
     config.optim = optim = ml_collections.ConfigDict()
-    optim.learning_rate = 2e-3
+    optim.learning_rate = 4e-3
     optim.warmup_steps = 100
     optim.decay = "cosine"  # "cosine" or "constant" after warmup
     optim.end_learning_rate_factor = 0.05
