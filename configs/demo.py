@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.timestep_sampling = "uniform"
     diffusion.logit_mean = 0.0
     diffusion.logit_std = 1.0
-    diffusion.min_snr_gamma = 5.0
+    diffusion.min_snr_gamma = 5.0  # used only with loss_weighting="min_snr"
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.learning_rate = 4e-3
