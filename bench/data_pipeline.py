@@ -18,10 +18,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import demo  # noqa: E402
-from data_pipeline.pipeline import make_train_iterator  # noqa: E402
+from data_pipeline.pipeline import make_train_iterator, read_captions  # noqa: E402
 from data_pipeline.shards import iter_tar_samples  # noqa: E402
 from data_pipeline.synthetic import write_synthetic_shards  # noqa: E402
-from models.text_encoder import build_tokenizer  # noqa: E402
+from models.text_encoder import (  # noqa: E402
+    build_tokenizer,
+    save_bpe_tokenizer,
+    train_bpe_tokenizer,
+)
 
 BATCH_SIZE = 64
 IMAGE_SIZE = 32
@@ -34,7 +38,7 @@ def main():
     parser.add_argument("--num_samples", type=int, default=4000)
     parser.add_argument("--batches", type=int, default=50)
     args = parser.parse_args()
-    tokenizer = build_tokenizer(demo.get_config().model.text_encoder)
+    text_cfg = demo.get_config().model.text_encoder
 
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
@@ -48,6 +52,13 @@ def main():
         )
         write_seconds = time.perf_counter() - start
         shard_bytes = sum(os.path.getsize(path) for path in shards)
+        # The demo config's tokenizer; a BPE one is trained on the shards' captions, as
+        # training does when it starts.
+        if text_cfg.get("tokenizer", "bytes") == "bpe":
+            save_bpe_tokenizer(train_bpe_tokenizer(
+                read_captions(shards, args.num_samples), text_cfg.bpe_vocab_size,
+                text_cfg.max_length), out_dir)
+        tokenizer = build_tokenizer(text_cfg, out_dir)
 
         start = time.perf_counter()
         samples_read = sum(1 for shard in shards for _ in iter_tar_samples(shard))

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,11 +29,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from data_pipeline.synthetic import sample_captions  # noqa: E402
 from models.factory import (  # noqa: E402
     build_frozen_text_encoder,
     build_unet,
     text_conditioning_fn,
 )
+from models.text_encoder import save_bpe_tokenizer, train_bpe_tokenizer  # noqa: E402
 from train.loop import schedule_from_config  # noqa: E402
 from train.sharding import batch_sharding, make_mesh, replicated  # noqa: E402
 from train.state import TrainState, make_optimizer  # noqa: E402
@@ -69,7 +72,14 @@ def main():
     config = load_config(args.config)
     batch_size = args.batch_size or config.train.global_batch_size
 
-    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model)
+    # The demo's BPE tokenizer is trained on captions when training starts; here on 5000
+    # captions of the synthetic generator, in a scratch workdir.
+    workdir = tempfile.mkdtemp(prefix="bench_tokenizer_")
+    text_cfg = config.model.text_encoder
+    if text_cfg.kind == "demo" and text_cfg.get("tokenizer", "bytes") == "bpe":
+        save_bpe_tokenizer(train_bpe_tokenizer(
+            sample_captions(5000), text_cfg.bpe_vocab_size, text_cfg.max_length), workdir)
+    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model, workdir)
     unet_graphdef, params = nnx.split(build_unet(config.model, nnx.Rngs(0)))
     optimizer, lr_fn = make_optimizer(config.optim, config.train.num_train_steps)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,

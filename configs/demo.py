@@ -33,11 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
     unet.sample_size = 32
     unet.in_channels = 3
     unet.out_channels = 3
-    # Attention only at 8x8 (and the mid block): on CPU, attention at 16x16 costs more than the
-    # rest of the network, and 8x8 is fine enough to place shapes in five positions.
-    unet.down_block_types = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
-    unet.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
-    unet.block_out_channels = (16, 32, 64)
+    # patch_size 2 folds each 2x2 pixel patch into channels, so the network runs at 16x16 and
+    # 8x8: 1.4x the training throughput of a 32x32 UNet of the same depth on CPU, and the
+    # budget buys 1800 steps instead of 1000. Attention only at 8x8 (and the mid block):
+    # on CPU, attention at 16x16 costs more than the rest of the network.
+    unet.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
+    unet.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
+    unet.block_out_channels = (32, 64)
     unet.layers_per_block = 1
     unet.attention_head_dim = 4
     unet.cross_attention_dim = 128
@@ -48,20 +50,28 @@ def get_config() -> ml_collections.ConfigDict:
     unet.class_embed_type = "projection"
     unet.projection_class_embeddings_input_dim = 128
     # "scale_shift": the embedding (timestep + pooled prompt) scales and shifts each resnet's
-    # normalised features (FiLM) instead of only being added to them ("default").
-    unet.resnet_time_scale_shift = "default"
+    # normalised features (FiLM) instead of only being added to them ("default"). Measured on
+    # this demo (1700 steps, CPU): held-in adherence 0.85 with scale_shift, 0.50 with default.
+    unet.resnet_time_scale_shift = "scale_shift"
     # Row/column channels appended to the input, so prompts naming a position are followed
     # from early on (convolutions alone learn absolute position slowly, from the padding).
     unet.coordinate_channels = True
+    unet.patch_size = 2
     model.text_encoder = text = ml_collections.ConfigDict()
     # "demo": byte-level tokenizer + a small CLIP-style transformer from a fixed seed (no download).
     # "clip": a Hugging Face-layout directory named by `pretrained_path`.
     text.kind = "demo"
     text.pretrained_path = ""
     text.seed = 1234
-    # Byte-level tokens: the longest synthetic caption (two shapes and a background) is 105
-    # bytes, and a truncated caption loses its position or background words.
-    text.max_length = 112
+    # "bpe": a byte-level BPE tokenizer trained on the first `bpe_train_captions` training
+    # captions when training starts and saved as <workdir>/tokenizer.json (the sampler reads it).
+    # Each caption word becomes one token: sequences 4x shorter than raw bytes ("bytes"), so
+    # the encoder and the cross-attention cost less, and a position word is one token the
+    # cross-attention can find. The longest synthetic caption is 22 tokens with the end token.
+    text.tokenizer = "bpe"
+    text.bpe_vocab_size = 512
+    text.bpe_train_captions = 20_000
+    text.max_length = 32
     text.hidden_size = 128
     text.intermediate_size = 256
     text.num_hidden_layers = 2
@@ -86,10 +96,12 @@ def get_config() -> ml_collections.ConfigDict:
     # prompt): held-in adherence 0.16 with Min-SNR, 0.29 plain at lr 2e-3, 0.92 / 0.88 (two
     # seeds) plain at lr 4e-3.
     diffusion.loss_weighting = "none"
-    # "uniform" or "logit_normal" (t = T * sigmoid(logit_mean + logit_std * normal)).
+    # "uniform", "logit_normal" (t = T * sigmoid(logit_mean + logit_std * normal)) or
+    # "shifted" (t = T * s*u / (1 + (s - 1)*u), u uniform, s = timestep_shift).
     diffusion.timestep_sampling = "uniform"
     diffusion.logit_mean = 0.0
     diffusion.logit_std = 1.0
+    diffusion.timestep_shift = 1.0
     diffusion.min_snr_gamma = 5.0  # used only with loss_weighting="min_snr"
 
     config.optim = optim = ml_collections.ConfigDict()
@@ -105,7 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = train = ml_collections.ConfigDict()
     train.global_batch_size = 64
-    train.num_train_steps = 1000
+    train.num_train_steps = 1800
     train.caption_dropout_prob = 0.1
     train.log_every_steps = 25
     train.checkpoint_every_steps = 500

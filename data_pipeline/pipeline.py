@@ -370,3 +370,25 @@ def make_train_iterator(
         caption_keys=caption_keys,
         prefetch=prefetch,
     )
+
+
+def read_captions(
+    shards: Sequence[str], limit: int, *, caption_keys: Sequence[str] = ("txt", "caption", "json"),
+    seed: int = 0,
+) -> list[str]:
+    """Up to `limit` captions from the shards in the given order (what a tokenizer is trained
+    on). Samples without a usable caption are passed over; a damaged shard ends its part of
+    the read, as in training."""
+    rng = np.random.default_rng(seed)
+    captions: list[str] = []
+    for shard in shards:
+        try:
+            for sample in iter_tar_samples(shard):
+                text = choose_caption(sample, caption_keys, rng)
+                if text is not None:
+                    captions.append(text)
+                    if len(captions) >= limit:
+                        return captions
+        except (tarfile.TarError, OSError) as error:
+            logging.warning("reading captions from %s stopped early: %s", shard, error)
+    return captions

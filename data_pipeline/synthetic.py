@@ -240,6 +240,14 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return f"{joined} on a {scene.background} background"
 
 
+def sample_captions(num: int, *, seed: int = 0, two_shape_prob: float = 0.05,
+                    held_out: Sequence[tuple[str, str]] = DEFAULT_HELD_OUT) -> list[str]:
+    """`num` training captions as the shards would hold them (no images drawn)."""
+    rng = np.random.default_rng(seed)
+    return [caption(random_scene(rng, held_out=held_out, two_shape_prob=two_shape_prob), rng)
+            for _ in range(num)]
+
+
 def max_caption_bytes() -> int:
     """The longest caption `caption()` can write, in UTF-8 bytes (a byte tokenizer's tokens).
 

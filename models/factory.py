@@ -26,9 +26,10 @@ def abstract_unet(model_config: ml_collections.ConfigDict):
     return nnx.split(module)
 
 
-def build_frozen_text_encoder(model_config: ml_collections.ConfigDict):
-    """(tokenizer, graphdef, params) of the frozen text encoder."""
-    tokenizer, encoder = build_text_encoder(model_config.text_encoder)
+def build_frozen_text_encoder(model_config: ml_collections.ConfigDict, workdir: str | None = None):
+    """(tokenizer, graphdef, params) of the frozen text encoder (`workdir` holds the demo's
+    trained BPE tokenizer when it uses one)."""
+    tokenizer, encoder = build_text_encoder(model_config.text_encoder, workdir=workdir)
     graphdef, params = nnx.split(encoder)
     return tokenizer, graphdef, params
 

@@ -24,6 +24,11 @@ from models.hf_weights import load_torch_state_dict, read_safetensors
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 TEXT_ENCODER_KINDS = ("demo", "clip")
+# Tokenizers of the demo encoder: "bytes" (UTF-8 bytes, one token each) or "bpe" (byte-level
+# BPE trained on the training captions when training starts, saved in the workdir).
+DEMO_TOKENIZERS = ("bytes", "bpe")
+TOKENIZER_FILE = "tokenizer.json"
+_BPE_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2: the byte tokenizer's pad / end ids
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -210,6 +215,64 @@ def byte_tokenizer(max_length: int) -> HFTokenizer:
     return HFTokenizer(ByT5Tokenizer(), max_length)
 
 
+def train_bpe_tokenizer(captions, vocab_size: int, max_length: int) -> HFTokenizer:
+    """A byte-level BPE tokenizer (CLIP's and GPT-2's scheme) trained on `captions`.
+
+    Every byte is in the base alphabet, so any prompt tokenizes, unseen words as smaller pieces;
+    frequent caption words become single tokens, which makes sequences about 4x shorter than
+    bytes. Lower-cased, a space before every word, pad/end/unknown ids 0/1/2 as in the byte
+    tokenizer, the end token appended. Deterministic for the same captions.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import BpeTrainer
+
+    pad, eos, unk = _BPE_SPECIALS
+    bpe = Tokenizer(models.BPE(unk_token=unk))
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=int(vocab_size), min_frequency=2, special_tokens=list(_BPE_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    bpe.train_from_iterator(list(captions), trainer)
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", special_tokens=[(eos, bpe.token_to_id(eos))])
+    return _wrap_bpe(bpe, max_length)
+
+
+def _wrap_bpe(bpe, max_length: int) -> HFTokenizer:
+    from transformers import PreTrainedTokenizerFast
+
+    pad, eos, unk = _BPE_SPECIALS
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=pad, eos_token=eos,
+                                   unk_token=unk)
+    tokenizer = HFTokenizer(fast, max_length)
+    tokenizer.backend = bpe
+    return tokenizer
+
+
+def save_bpe_tokenizer(tokenizer: HFTokenizer, workdir: str | Path) -> Path:
+    """Writes `workdir/tokenizer.json` atomically (the sampler reads it back)."""
+    path = Path(workdir) / TOKENIZER_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tokenizer.backend.save(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def load_bpe_tokenizer(workdir: str | Path, max_length: int) -> HFTokenizer:
+    from tokenizers import Tokenizer
+
+    path = Path(workdir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: model.text_encoder.tokenizer='bpe' reads the tokenizer that "
+            "training trained on its captions and saved in the workdir"
+        )
+    return _wrap_bpe(Tokenizer.from_file(str(path)), max_length)
+
+
 def load_clip_text_weights(module: CLIPTextTransformer, safetensors_path: str | Path) -> None:
     """Loads a Hugging Face CLIP text checkpoint (file or directory) into `module` in place.
 
@@ -280,13 +343,25 @@ def _check_kind(text_cfg) -> str:
     return kind
 
 
-def build_tokenizer(text_cfg) -> HFTokenizer:
-    """The tokenizer alone (for data workers): no network, no parameters."""
+def build_tokenizer(text_cfg, workdir: str | Path | None = None) -> HFTokenizer:
+    """The tokenizer alone (for data workers): no network, no parameters.
+
+    The demo's "bpe" tokenizer is read from `workdir` (written there by training).
+    """
     kind = _check_kind(text_cfg)
     if kind == "demo":
         max_length = int(_field(text_cfg, "max_length"))
         if max_length < 2:
             raise ValueError(f"model.text_encoder.max_length must be >= 2, got {max_length}")
+        scheme = _field(text_cfg, "tokenizer", "bytes")
+        if scheme not in DEMO_TOKENIZERS:
+            raise ValueError(
+                f"model.text_encoder.tokenizer={scheme!r} is not one of {DEMO_TOKENIZERS}")
+        if scheme == "bpe":
+            if workdir is None:
+                raise ValueError("model.text_encoder.tokenizer='bpe' needs the workdir that "
+                                 f"holds {TOKENIZER_FILE}")
+            return load_bpe_tokenizer(workdir, max_length)
         return byte_tokenizer(max_length)
 
     from transformers import AutoTokenizer
@@ -307,7 +382,7 @@ def build_tokenizer(text_cfg) -> HFTokenizer:
 
 def build_text_encoder(
     text_cfg, *, rngs_seed: int | None = None, dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32, workdir: str | Path | None = None,
 ) -> tuple[HFTokenizer, CLIPTextTransformer]:
     """(tokenizer, encoder) from the `model.text_encoder` config section.
 
@@ -315,7 +390,7 @@ def build_text_encoder(
     same parameters on every machine. kind="clip": a local Hugging Face directory; its
     config.json fixes the sizes and the size fields of `text_cfg` are ignored.
     """
-    tokenizer = build_tokenizer(text_cfg)
+    tokenizer = build_tokenizer(text_cfg, workdir)
     if _field(text_cfg, "kind") == "clip":
         model_dir, _ = _clip_dirs(text_cfg)
         # Abstract first: a large encoder is never initialised randomly only to be overwritten.

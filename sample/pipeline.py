@@ -45,7 +45,7 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
     params, _ = checkpoint.restore_ema_params(
         workdir, step, abstract_params, tree_shardings(mesh, abstract_params)
     )
-    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model)
+    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model, workdir)
     text_params = jax.device_put(text_params, replicated(mesh))
     return LoadedModel(config, step, unet_graphdef, params, tokenizer, text_graphdef,
                        text_params, mesh)

@@ -5,12 +5,17 @@ from train.config_check import ConfigError, validate_config
 
 
 def test_shipped_configs_are_valid():
-    from data_pipeline.synthetic import max_caption_bytes
+    from data_pipeline.synthetic import BACKGROUNDS
 
+    # The longest synthetic caption in words: two shapes in corners and the longest background.
+    longest = max(len(f"a c s in the bottom right and a c s in the bottom right on a {b} "
+                      "background".split()) for b in BACKGROUNDS)
     for config in (demo.get_config(), tiny.get_config()):
         validate_config(config)  # raises ConfigError on the first bad field
-        # Both train on the synthetic captions: none may be cut off by the byte tokenizer.
-        assert config.model.text_encoder.max_length > max_caption_bytes()
+        # Both train on the synthetic captions with the BPE tokenizer (one token per caption
+        # word, tested in test_bpe_tokenizer.py): none may be cut off.
+        assert config.model.text_encoder.tokenizer == "bpe"
+        assert config.model.text_encoder.max_length > longest
 
 
 @pytest.mark.parametrize(
@@ -27,8 +32,12 @@ def test_shipped_configs_are_valid():
         ("sample.steps", 0, "config.sample.steps=0"),
         ("diffusion.timestep_sampling", "beta", "config.diffusion.timestep_sampling='beta'"),
         ("diffusion.logit_std", 0.0, "config.diffusion.logit_std=0.0 must be > 0"),
+        ("diffusion.timestep_shift", 0.0, "config.diffusion.timestep_shift=0.0 must be > 0"),
         ("model.unet.resnet_time_scale_shift", "film", "resnet_time_scale_shift='film'"),
-        ("model.text_encoder.max_length", 48, "max_length=48 would truncate the synthetic"),
+        ("model.unet.patch_size", 3,
+         "x patch_size 3 (one downsample per UNet level after the patch fold)"),
+        ("model.text_encoder.tokenizer", "words", "config.model.text_encoder.tokenizer='words'"),
+        ("model.text_encoder.bpe_vocab_size", 100, "bpe_vocab_size=100 must be >= 260"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
@@ -40,6 +49,16 @@ def test_bad_values_name_the_field(field, value, message):
     target[name] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate_config(config)
+
+
+def test_byte_tokens_that_cut_synthetic_captions_are_rejected():
+    config = tiny.get_config()
+    config.model.text_encoder.tokenizer = "bytes"
+    config.model.text_encoder.max_length = 48
+    with pytest.raises(ConfigError, match="max_length=48 would truncate the synthetic"):
+        validate_config(config)
+    config.model.text_encoder.max_length = 112
+    validate_config(config)
 
 
 def test_tar_source_needs_shards():

@@ -1,6 +1,7 @@
 """The sampler on the tiny config: per-image seeding, guidance paths, solvers, output files."""
 
 import json
+import tempfile
 
 import jax
 import numpy as np
@@ -9,7 +10,9 @@ from flax import nnx
 from PIL import Image
 
 from configs import tiny
+from data_pipeline.synthetic import sample_captions
 from models.factory import build_frozen_text_encoder, build_unet
+from models.text_encoder import save_bpe_tokenizer, train_bpe_tokenizer
 from sample.pipeline import (
     EmptyPromptListError,
     LoadedModel,
@@ -23,6 +26,16 @@ from train.sharding import make_mesh, replicated
 PROMPTS = ["a red circle in the top left", "a blue square in the center", "a green triangle"]
 
 
+def _tokenizer_dir(config):
+    """A scratch workdir holding the BPE tokenizer training would write for the synthetic data."""
+    text = config.model.text_encoder
+    workdir = tempfile.mkdtemp(prefix="tokenizer_")
+    save_bpe_tokenizer(train_bpe_tokenizer(sample_captions(2000), text.bpe_vocab_size,
+                                           text.max_length), workdir)
+    return workdir
+
+
+
 def _model(devices) -> LoadedModel:
     config = tiny.get_config()
     mesh = make_mesh([("data", -1)], devices=devices)
@@ -30,7 +43,8 @@ def _model(devices) -> LoadedModel:
     # the noise both visibly change the image, which is all these tests need.
     unet_graphdef, params = nnx.split(build_unet(config.model, nnx.Rngs(3)))
     params = jax.tree_util.tree_map(lambda p: p * 1.5, params)
-    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model)
+    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(
+        config.model, _tokenizer_dir(config))
     rep = replicated(mesh)
     return LoadedModel(config, 7, unet_graphdef, jax.device_put(params, rep), tokenizer,
                        text_graphdef, jax.device_put(text_params, rep), mesh)
@@ -149,7 +163,7 @@ def test_write_outputs_metadata_grid_and_manifest(model8, tmp_path):
 def test_prompts_longer_than_the_encoder_are_reported(model8):
     from absl import logging as absl_logging
 
-    long_prompt = "a red circle " * 20  # 260 bytes for a 112-token byte tokenizer
+    long_prompt = "a red circle " * 20  # 60 words for a 32-token tokenizer
     assert model8.tokenizer.truncated([PROMPTS[0], long_prompt]) == [long_prompt]
     messages = []
     original = absl_logging.warning

@@ -17,6 +17,8 @@ from models.unet import (
     Transformer2DModel,
     UNet2DConditionModel,
     coordinate_grid,
+    depth_to_space,
+    space_to_depth,
     timestep_embedding,
     unet_kwargs_from_diffusers_config,
 )
@@ -362,6 +364,49 @@ def test_coordinate_channels_match_diffusers_with_two_more_inputs():
     out = np.asarray(_apply(model, sample, timesteps, context))
     np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
 
+
+
+def test_space_to_depth_layout_and_inverse():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    folded = np.asarray(space_to_depth(x, 2))
+    assert folded.shape == (2, 2, 3, 12)
+    # Pixel (2i + a, 2j + b), channel c lands in cell (i, j), channel (2a + b) * C + c.
+    for i, j, a, b, c in [(0, 0, 0, 0, 0), (1, 2, 1, 0, 2), (0, 1, 1, 1, 1)]:
+        assert folded[1, i, j, (2 * a + b) * 3 + c] == x[1, 2 * i + a, 2 * j + b, c]
+    np.testing.assert_array_equal(depth_to_space(jnp.asarray(folded), 2), x)
+
+
+PATCHED = COORDS | dict(sample_size=8)
+
+
+def test_patch_size_is_a_diffusers_unet_on_folded_pixels():
+    """patch_size=2: the parameters are those of a diffusers UNet with 4x the input and output
+    channels (+ 2 coordinate inputs), run on the 2x2-folded sample at half the resolution,
+    its output unfolded back to full resolution."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    reference = _randomised(torch, diffusers.UNet2DConditionModel(
+        **PATCHED | {"sample_size": 4, "in_channels": 3 * 4 + 2, "out_channels": 3 * 4}))
+    state = _state(reference)
+    model = _abstract_unet(PATCHED, coordinate_channels=True, patch_size=2)
+    assert flat_param_names(model, layout="torch") == {k: v.shape for k, v in state.items()}
+    load_torch_state_dict(model, state)
+    sample, timesteps, context = _inputs(PATCHED)
+    folded = jnp.concatenate([space_to_depth(sample, 2), coordinate_grid(2, 4, 4)], axis=-1)
+    with torch.no_grad():
+        expected = reference(
+            _nchw(torch, folded), torch.from_numpy(np.array(timesteps)),
+            torch.from_numpy(np.array(context)),
+        ).sample.permute(0, 2, 3, 1).numpy()
+    out = np.asarray(_apply(model, sample, timesteps, context))
+    assert out.shape == (2, 8, 8, 3)
+    np.testing.assert_allclose(out, np.asarray(depth_to_space(jnp.asarray(expected), 2)),
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="patch_size 2"):
+        _apply(model, jnp.zeros((1, 6, 5, 3)), 1, jnp.zeros((1, 2, 12)))
+    with pytest.raises(ValueError, match="patch_size"):
+        _abstract_unet(PATCHED, patch_size=0)
 
 
 def test_scale_shift_resnets_match_diffusers():

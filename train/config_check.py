@@ -10,6 +10,7 @@ from diffusion.parameterization import PREDICTION_TYPES
 from diffusion.schedules import SCHEDULES
 from diffusion.solvers import TIMESTEP_SPACINGS
 from diffusion.timestep_sampling import TIMESTEP_SAMPLINGS
+from models.text_encoder import DEMO_TOKENIZERS
 from models.unet import RESNET_TIME_SCALE_SHIFTS
 
 SAMPLERS = ("ddim", "ddpm")
@@ -69,10 +70,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.model.unet.down_block_types and up_block_types need one entry per "
             f"block_out_channels entry ({levels})"
         )
-    if data.image_size % (2 ** (levels - 1)):
+    patch = unet.get("patch_size", 1)
+    if not isinstance(patch, int) or patch < 1:
+        raise ConfigError(f"config.model.unet.patch_size={patch!r} must be a positive int")
+    if data.image_size % (2 ** (levels - 1) * patch):
         raise ConfigError(
             f"config.data.image_size={data.image_size} must be divisible by 2**{levels - 1} "
-            "(one downsample per UNet level)"
+            f"x patch_size {patch} (one downsample per UNet level after the patch fold)"
         )
     for channels in unet.block_out_channels:
         if channels % unet.norm_num_groups:
@@ -90,7 +94,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.model.unet.cross_attention_dim={unet.cross_attention_dim} must equal "
             f"config.model.text_encoder.hidden_size={model.text_encoder.hidden_size}"
         )
-    if data.source == "synthetic" and model.text_encoder.kind == "demo":
+    tokenizer = model.text_encoder.get("tokenizer", "bytes")
+    if model.text_encoder.kind == "demo":
+        _choice("model.text_encoder.tokenizer", tokenizer, DEMO_TOKENIZERS)
+        if tokenizer == "bpe":
+            if model.text_encoder.bpe_vocab_size < 260:
+                raise ConfigError(
+                    f"config.model.text_encoder.bpe_vocab_size={model.text_encoder.bpe_vocab_size}"
+                    " must be >= 260 (256 bytes, 3 special tokens and at least one merge)"
+                )
+            _positive("model.text_encoder.bpe_train_captions",
+                      model.text_encoder.bpe_train_captions)
+    if data.source == "synthetic" and model.text_encoder.kind == "demo" and tokenizer == "bytes":
+        # (A BPE tokenizer's lengths are known once it is trained; training checks them then.)
         from data_pipeline.synthetic import max_caption_bytes
 
         needed = max_caption_bytes() + 1  # + the end token
@@ -118,6 +134,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice("diffusion.timestep_sampling", diffusion.get("timestep_sampling", "uniform"),
             TIMESTEP_SAMPLINGS)
     _positive("diffusion.logit_std", diffusion.get("logit_std", 1.0))
+    _positive("diffusion.timestep_shift", diffusion.get("timestep_shift", 1.0))
 
     _positive("optim.learning_rate", optim.learning_rate)
     _positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)

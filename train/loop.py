@@ -13,7 +13,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from data_pipeline.pipeline import make_train_iterator
+from data_pipeline.pipeline import make_train_iterator, read_captions
 from data_pipeline.shards import expand_shards
 from data_pipeline.synthetic import write_synthetic_shards
 from diffusion.schedules import make_schedule
@@ -23,6 +23,7 @@ from models.factory import (
     build_unet,
     text_conditioning_fn,
 )
+from models.text_encoder import TOKENIZER_FILE, save_bpe_tokenizer, train_bpe_tokenizer
 from sample.denoise import denoise_fn_from_config, image_grid, image_keys, to_uint8
 from train import checkpoint
 from train.config_check import validate_config
@@ -74,6 +75,43 @@ def resolve_shards(config: ml_collections.ConfigDict, workdir: str) -> list[str]
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("synthetic_shards_written")
     return expand_shards(data_dir)
+
+
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str, shards) -> None:
+    """For the demo encoder's "bpe" tokenizer: train it on the first captions of the shards and
+    save it in the workdir, once. A resumed run (or the sampler) reads the saved one, so token
+    ids never change under a checkpoint."""
+    text = config.model.text_encoder
+    if text.kind != "demo" or text.get("tokenizer", "bytes") != "bpe":
+        return
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    if jax.process_index() == 0 and not os.path.exists(path):
+        start = time.time()
+        captions = read_captions(shards, text.bpe_train_captions, seed=config.seed)
+        if not captions:
+            raise ValueError(f"no captions in the shards to train the BPE tokenizer on: {shards}")
+        tokenizer = train_bpe_tokenizer(captions, text.bpe_vocab_size, text.max_length)
+        lengths = np.array([len(ids) for ids in tokenizer.tokenizer(captions)["input_ids"]])
+        too_long = int((lengths > text.max_length).sum())
+        logging.info(
+            "trained a byte-level BPE tokenizer on %d captions in %.1fs: %d tokens, captions "
+            "%d-%d tokens (mean %.1f) with the end token; max_length %d",
+            len(captions), time.time() - start, tokenizer.vocab_size, lengths.min(),
+            lengths.max(), lengths.mean(), text.max_length,
+        )
+        if too_long and config.data.source == "synthetic":
+            raise ValueError(
+                f"config.model.text_encoder.max_length={text.max_length} would truncate "
+                f"{too_long} of {len(captions)} synthetic captions (the longest is "
+                f"{lengths.max()} BPE tokens with the end token)"
+            )
+        if too_long:
+            logging.warning("%d of %d captions (%.1f%%) are longer than max_length=%d tokens "
+                            "and will be truncated", too_long, len(captions),
+                            100 * too_long / len(captions), text.max_length)
+        save_bpe_tokenizer(tokenizer, workdir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("bpe_tokenizer_written")
 
 
 def _log_compiled(compiled, num_devices: int) -> dict:
@@ -133,9 +171,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     checkpoint.save_config(workdir, config)
     shards = resolve_shards(config, workdir)
+    prepare_tokenizer(config, workdir, shards)
 
     schedule = schedule_from_config(config)
-    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model)
+    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model, workdir)
     replicated_sharding = replicated(mesh)
     text_params = jax.device_put(text_params, replicated_sharding)
     empty_ids = jnp.asarray(tokenizer([""])[0])

@@ -52,6 +52,7 @@ def make_train_step(
         timesteps = sample_timesteps(
             rng_t, batch_size, num_train_timesteps, diffusion.get("timestep_sampling", "uniform"),
             logit_mean=diffusion.get("logit_mean", 0.0), logit_std=diffusion.get("logit_std", 1.0),
+            shift=diffusion.get("timestep_shift", 1.0),
         )
         noise = jax.random.normal(rng_noise, images.shape, jnp.float32)
         noisy = add_noise(schedule, images, noise, timesteps)
