@@ -58,16 +58,18 @@ def get_config() -> ml_collections.ConfigDict:
     unet.coordinate_channels = True
     unet.patch_size = 2
     model.text_encoder = text = ml_collections.ConfigDict()
-    # "demo": byte-level tokenizer + a small CLIP-style transformer from a fixed seed (no download).
+    # "demo": a small CLIP-style transformer from a fixed seed with the tokenizer below (no
+    # download).
     # "clip": a Hugging Face-layout directory named by `pretrained_path`.
     text.kind = "demo"
     text.pretrained_path = ""
     text.seed = 1234
+    # "bytes": one token per UTF-8 byte.
     # "bpe": a byte-level BPE tokenizer trained on the first `bpe_train_captions` training
     # captions when training starts and saved as <workdir>/tokenizer.json (the sampler reads it).
     # Each caption word becomes one token: sequences 4x shorter than raw bytes ("bytes"), so
     # the encoder and the cross-attention cost less, and a position word is one token the
-    # cross-attention can find. The longest synthetic caption is 22 tokens with the end token.
+    # cross-attention can find. The longest synthetic caption is 21 tokens with the end token.
     text.tokenizer = "bpe"
     text.bpe_vocab_size = 512
     text.bpe_train_captions = 20_000

@@ -29,7 +29,7 @@ from models.text_encoder import (
     save_bpe_tokenizer,
     train_bpe_tokenizer,
 )
-from train.loop import prepare_tokenizer
+from train.loop import prepare_tokenizer, synthetic_tokenizer_workdir
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,14 @@ def test_a_max_length_that_cuts_synthetic_captions_is_an_error(tmp_path, shards)
     with pytest.raises(ValueError, match="max_length=9 would truncate"):
         prepare_tokenizer(config, str(tmp_path), shards)
     assert not os.path.exists(tmp_path / TOKENIZER_FILE)
+
+
+def test_scratch_tokenizer_for_tools_matches_what_training_writes(tmp_path, shards):
+    config = tiny.get_config()
+    scratch = synthetic_tokenizer_workdir(config)
+    prompt = prompt_for("green", "square", "bottom right")
+    ids = load_bpe_tokenizer(scratch, 32)([prompt])[0]
+    assert ids[7] == 1 and ids[6] > 2  # one token per word
+    # A byte-tokenizer config needs no file.
+    config.model.text_encoder.tokenizer = "bytes"
+    assert os.listdir(synthetic_tokenizer_workdir(config)) == []

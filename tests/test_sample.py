@@ -1,7 +1,6 @@
 """The sampler on the tiny config: per-image seeding, guidance paths, solvers, output files."""
 
 import json
-import tempfile
 
 import jax
 import numpy as np
@@ -10,9 +9,7 @@ from flax import nnx
 from PIL import Image
 
 from configs import tiny
-from data_pipeline.synthetic import sample_captions
 from models.factory import build_frozen_text_encoder, build_unet
-from models.text_encoder import save_bpe_tokenizer, train_bpe_tokenizer
 from sample.pipeline import (
     EmptyPromptListError,
     LoadedModel,
@@ -21,18 +18,11 @@ from sample.pipeline import (
     read_prompts,
     write_outputs,
 )
+from train.loop import synthetic_tokenizer_workdir
 from train.sharding import make_mesh, replicated
 
 PROMPTS = ["a red circle in the top left", "a blue square in the center", "a green triangle"]
 
-
-def _tokenizer_dir(config):
-    """A scratch workdir holding the BPE tokenizer training would write for the synthetic data."""
-    text = config.model.text_encoder
-    workdir = tempfile.mkdtemp(prefix="tokenizer_")
-    save_bpe_tokenizer(train_bpe_tokenizer(sample_captions(2000), text.bpe_vocab_size,
-                                           text.max_length), workdir)
-    return workdir
 
 
 
@@ -44,7 +34,7 @@ def _model(devices) -> LoadedModel:
     unet_graphdef, params = nnx.split(build_unet(config.model, nnx.Rngs(3)))
     params = jax.tree_util.tree_map(lambda p: p * 1.5, params)
     tokenizer, text_graphdef, text_params = build_frozen_text_encoder(
-        config.model, _tokenizer_dir(config))
+        config.model, synthetic_tokenizer_workdir(config))
     rep = replicated(mesh)
     return LoadedModel(config, 7, unet_graphdef, jax.device_put(params, rep), tokenizer,
                        text_graphdef, jax.device_put(text_params, rep), mesh)

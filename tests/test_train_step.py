@@ -1,7 +1,5 @@
 """The train step on the tiny config: frozen text encoder, optimizer coverage, EMA, determinism."""
 
-import tempfile
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,22 +7,10 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from data_pipeline.synthetic import sample_captions
 from models.factory import build_frozen_text_encoder, build_unet, text_conditioning_fn
-from models.text_encoder import save_bpe_tokenizer, train_bpe_tokenizer
-from train.loop import schedule_from_config
+from train.loop import schedule_from_config, synthetic_tokenizer_workdir
 from train.state import TrainState, ema_decay_at, ema_update, make_optimizer
 from train.step import make_train_step
-
-
-def _tokenizer_dir(config):
-    """A scratch workdir holding the BPE tokenizer training would write for the synthetic data."""
-    text = config.model.text_encoder
-    workdir = tempfile.mkdtemp(prefix="tokenizer_")
-    save_bpe_tokenizer(train_bpe_tokenizer(sample_captions(2000), text.bpe_vocab_size,
-                                           text.max_length), workdir)
-    return workdir
-
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +21,7 @@ def setup():
 def _setup(seed=0):
     config = tiny.get_config()
     tokenizer, text_graphdef, text_params = build_frozen_text_encoder(
-        config.model, _tokenizer_dir(config))
+        config.model, synthetic_tokenizer_workdir(config))
     unet_graphdef, params = nnx.split(build_unet(config.model, nnx.Rngs(seed)))
     optimizer, lr_fn = make_optimizer(config.optim, config.train.num_train_steps)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,

@@ -2,6 +2,7 @@
 
 import math
 import os
+import tempfile
 import time
 
 import jax
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from data_pipeline.pipeline import make_train_iterator, read_captions
 from data_pipeline.shards import expand_shards
-from data_pipeline.synthetic import write_synthetic_shards
+from data_pipeline.synthetic import sample_captions, write_synthetic_shards
 from diffusion.schedules import make_schedule
 from models.factory import (
     abstract_unet,
@@ -112,6 +113,21 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str, shards) -
         save_bpe_tokenizer(tokenizer, workdir)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("bpe_tokenizer_written")
+
+
+def synthetic_tokenizer_workdir(config: ml_collections.ConfigDict, num_captions: int = 5000) -> str:
+    """A scratch workdir with the BPE tokenizer a training run on the synthetic data would write
+    (trained on `num_captions` generated captions): for benchmarks and tests that build the demo
+    encoder without a training run. Nothing is written for other tokenizers."""
+    workdir = tempfile.mkdtemp(prefix="t2i_tokenizer_")
+    text = config.model.text_encoder
+    if text.kind == "demo" and text.get("tokenizer", "bytes") == "bpe":
+        captions = sample_captions(num_captions, seed=config.seed,
+                                   two_shape_prob=config.data.synthetic_two_shape_prob,
+                                   held_out=held_out_combinations(config))
+        save_bpe_tokenizer(train_bpe_tokenizer(captions, text.bpe_vocab_size, text.max_length),
+                           workdir)
+    return workdir
 
 
 def _log_compiled(compiled, num_devices: int) -> dict:
