@@ -220,6 +220,15 @@ def _nchw(torch, array):
     return torch.from_numpy(np.array(array)).permute(0, 3, 1, 2)
 
 
+def _torch_output(torch, reference, sample, timesteps, context):
+    """A diffusers UNet's output on NHWC numpy/jax inputs, back in NHWC."""
+    with torch.no_grad():
+        return reference(
+            _nchw(torch, sample), torch.from_numpy(np.array(timesteps)),
+            torch.from_numpy(np.array(context)),
+        ).sample.permute(0, 2, 3, 1).numpy()
+
+
 def _state(module):
     return {name: tensor.numpy() for name, tensor in module.state_dict().items()}
 
@@ -237,11 +246,7 @@ def _load_and_compare_with_diffusers(options):
     load_torch_state_dict(model, state)
 
     sample, timesteps, context = _inputs(options)
-    with torch.no_grad():
-        expected = reference(
-            _nchw(torch, sample), torch.from_numpy(np.array(timesteps)),
-            torch.from_numpy(np.array(context)),
-        ).sample.permute(0, 2, 3, 1).numpy()
+    expected = _torch_output(torch, reference, sample, timesteps, context)
     out = np.asarray(_apply(model, sample, timesteps, context))
     np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
     return model, state
@@ -356,11 +361,7 @@ def test_coordinate_channels_match_diffusers_with_two_more_inputs():
     load_torch_state_dict(model, state)
     sample, timesteps, context = _inputs(COORDS)
     with_coords = jnp.concatenate([sample, coordinate_grid(2, 4, 4)], axis=-1)
-    with torch.no_grad():
-        expected = reference(
-            _nchw(torch, with_coords), torch.from_numpy(np.array(timesteps)),
-            torch.from_numpy(np.array(context)),
-        ).sample.permute(0, 2, 3, 1).numpy()
+    expected = _torch_output(torch, reference, with_coords, timesteps, context)
     out = np.asarray(_apply(model, sample, timesteps, context))
     np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
 
@@ -394,11 +395,7 @@ def test_patch_size_is_a_diffusers_unet_on_folded_pixels():
     load_torch_state_dict(model, state)
     sample, timesteps, context = _inputs(PATCHED)
     folded = jnp.concatenate([space_to_depth(sample, 2), coordinate_grid(2, 4, 4)], axis=-1)
-    with torch.no_grad():
-        expected = reference(
-            _nchw(torch, folded), torch.from_numpy(np.array(timesteps)),
-            torch.from_numpy(np.array(context)),
-        ).sample.permute(0, 2, 3, 1).numpy()
+    expected = _torch_output(torch, reference, folded, timesteps, context)
     out = np.asarray(_apply(model, sample, timesteps, context))
     assert out.shape == (2, 8, 8, 3)
     np.testing.assert_allclose(out, np.asarray(depth_to_space(jnp.asarray(expected), 2)),
