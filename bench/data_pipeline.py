@@ -18,14 +18,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import demo  # noqa: E402
-from data_pipeline.pipeline import make_train_iterator, read_captions  # noqa: E402
+from data_pipeline.pipeline import make_train_iterator  # noqa: E402
 from data_pipeline.shards import iter_tar_samples  # noqa: E402
 from data_pipeline.synthetic import write_synthetic_shards  # noqa: E402
-from models.text_encoder import (  # noqa: E402
-    build_tokenizer,
-    save_bpe_tokenizer,
-    train_bpe_tokenizer,
-)
+from models.text_encoder import build_tokenizer  # noqa: E402
+from train.loop import prepare_tokenizer  # noqa: E402
 
 BATCH_SIZE = 64
 IMAGE_SIZE = 32
@@ -38,7 +35,7 @@ def main():
     parser.add_argument("--num_samples", type=int, default=4000)
     parser.add_argument("--batches", type=int, default=50)
     args = parser.parse_args()
-    text_cfg = demo.get_config().model.text_encoder
+    config = demo.get_config()
 
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
@@ -54,11 +51,8 @@ def main():
         shard_bytes = sum(os.path.getsize(path) for path in shards)
         # The demo config's tokenizer; a BPE one is trained on the shards' captions, as
         # training does when it starts.
-        if text_cfg.get("tokenizer", "bytes") == "bpe":
-            save_bpe_tokenizer(train_bpe_tokenizer(
-                read_captions(shards, args.num_samples), text_cfg.bpe_vocab_size,
-                text_cfg.max_length), out_dir)
-        tokenizer = build_tokenizer(text_cfg, out_dir)
+        prepare_tokenizer(config, out_dir, shards)
+        tokenizer = build_tokenizer(config.model.text_encoder, out_dir)
 
         start = time.perf_counter()
         samples_read = sum(1 for shard in shards for _ in iter_tar_samples(shard))

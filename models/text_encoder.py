@@ -215,6 +215,11 @@ def byte_tokenizer(max_length: int) -> HFTokenizer:
     return HFTokenizer(ByT5Tokenizer(), max_length)
 
 
+def uses_bpe_tokenizer(text_cfg) -> bool:
+    """Whether this `model.text_encoder` config reads a trained BPE tokenizer from the workdir."""
+    return _field(text_cfg, "kind") == "demo" and _field(text_cfg, "tokenizer", "bytes") == "bpe"
+
+
 def train_bpe_tokenizer(captions, vocab_size: int, max_length: int) -> HFTokenizer:
     """A byte-level BPE tokenizer (CLIP's and GPT-2's scheme) trained on `captions`.
 
@@ -247,16 +252,14 @@ def _wrap_bpe(bpe, max_length: int) -> HFTokenizer:
     pad, eos, unk = _BPE_SPECIALS
     fast = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=pad, eos_token=eos,
                                    unk_token=unk)
-    tokenizer = HFTokenizer(fast, max_length)
-    tokenizer.backend = bpe
-    return tokenizer
+    return HFTokenizer(fast, max_length)
 
 
 def save_bpe_tokenizer(tokenizer: HFTokenizer, workdir: str | Path) -> Path:
     """Writes `workdir/tokenizer.json` atomically (the sampler reads it back)."""
     path = Path(workdir) / TOKENIZER_FILE
     tmp = path.with_suffix(".json.tmp")
-    tokenizer.backend.save(str(tmp))
+    tokenizer.tokenizer.backend_tokenizer.save(str(tmp))
     os.replace(tmp, path)
     return path
 

@@ -24,7 +24,12 @@ from models.factory import (
     build_unet,
     text_conditioning_fn,
 )
-from models.text_encoder import TOKENIZER_FILE, save_bpe_tokenizer, train_bpe_tokenizer
+from models.text_encoder import (
+    TOKENIZER_FILE,
+    save_bpe_tokenizer,
+    train_bpe_tokenizer,
+    uses_bpe_tokenizer,
+)
 from sample.denoise import denoise_fn_from_config, image_grid, image_keys, to_uint8
 from train import checkpoint
 from train.config_check import validate_config
@@ -83,7 +88,7 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str, shards) -
     save it in the workdir, once. A resumed run (or the sampler) reads the saved one, so token
     ids never change under a checkpoint."""
     text = config.model.text_encoder
-    if text.kind != "demo" or text.get("tokenizer", "bytes") != "bpe":
+    if not uses_bpe_tokenizer(text):
         return
     path = os.path.join(workdir, TOKENIZER_FILE)
     if jax.process_index() == 0 and not os.path.exists(path):
@@ -121,7 +126,7 @@ def synthetic_tokenizer_workdir(config: ml_collections.ConfigDict, num_captions:
     encoder without a training run. Nothing is written for other tokenizers."""
     workdir = tempfile.mkdtemp(prefix="t2i_tokenizer_")
     text = config.model.text_encoder
-    if text.kind == "demo" and text.get("tokenizer", "bytes") == "bpe":
+    if uses_bpe_tokenizer(text):
         captions = sample_captions(num_captions, seed=config.seed,
                                    two_shape_prob=config.data.synthetic_two_shape_prob,
                                    held_out=held_out_combinations(config))
