@@ -8,10 +8,12 @@ out of training so the demo can ask whether a model composes attributes it saw s
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import io
 import itertools
 import json
+import multiprocessing
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -299,6 +301,38 @@ def synthetic_sample(index: int, *, seed: int, image_size: int, held_out, two_sh
     return scene, text, pixels
 
 
+def _write_shard(path: str, start: int, stop: int, *, seed: int, image_size: int, held_out,
+                 two_shape_prob: float) -> int:
+    """Write samples [start, stop) to the tar at `path`; returns how many were written."""
+    with TarShardWriter(path) as writer:
+        for index in range(start, stop):
+            scene, text, pixels = synthetic_sample(
+                index, seed=seed, image_size=image_size, held_out=held_out,
+                two_shape_prob=two_shape_prob,
+            )
+            key = f"{index:09d}"
+            metadata = {
+                "key": key,
+                "caption": text,
+                "background": scene.background,
+                "shapes": [
+                    {"colour": s.colour, "shape": s.shape, "position": s.position, "size": s.size}
+                    for s in scene.shapes
+                ],
+                "width": image_size,
+                "height": image_size,
+            }
+            writer.write(
+                key,
+                {
+                    "png": _png_bytes(pixels),
+                    "txt": text.encode("utf-8"),
+                    "json": json.dumps(metadata).encode("utf-8"),
+                },
+            )
+    return stop - start
+
+
 def write_synthetic_shards(
     out_dir: str | os.PathLike,
     *,
@@ -309,10 +343,13 @@ def write_synthetic_shards(
     held_out: Sequence[tuple[str, str]] = DEFAULT_HELD_OUT,
     two_shape_prob: float = 0.2,
     progress: bool = True,
+    num_workers: int | None = None,
 ) -> list[str]:
     """Write `num_samples` captioned images as `out_dir/shard-00000.tar`, ...; return the paths.
 
-    Sample i is drawn from rng (seed, i) alone, so the shards are byte-identical for a seed.
+    Sample i is drawn from rng (seed, i) alone, so the shards are byte-identical for a seed
+    whatever `num_workers` is. `num_workers` processes write whole shards in parallel (default:
+    one per CPU core, at most one per shard; 1 writes in this process).
     """
     from tqdm.auto import tqdm
 
@@ -320,50 +357,28 @@ def write_synthetic_shards(
         raise ValueError(f"num_samples ({num_samples}) and num_shards ({num_shards}) must be >= 1")
     if num_shards > num_samples:
         raise ValueError(f"num_shards ({num_shards}) exceeds num_samples ({num_samples})")
+    if num_workers is not None and num_workers < 1:
+        raise ValueError(f"num_workers ({num_workers}) must be >= 1")
     held_out = _check_held_out(held_out)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     bounds = np.linspace(0, num_samples, num_shards + 1).round().astype(int)
-    paths = []
+    paths = [os.path.join(out_dir, f"shard-{i:05d}.tar") for i in range(num_shards)]
+    jobs = [(paths[i], int(bounds[i]), int(bounds[i + 1])) for i in range(num_shards)]
+    options = dict(seed=seed, image_size=image_size, held_out=held_out,
+                   two_shape_prob=two_shape_prob)
+    workers = min(num_workers or os.cpu_count() or 1, num_shards)
     with tqdm(total=num_samples, desc="synthetic shards", unit="img", disable=not progress) as bar:
-        for shard_index in range(num_shards):
-            path = os.path.join(out_dir, f"shard-{shard_index:05d}.tar")
-            with TarShardWriter(path) as writer:
-                for index in range(bounds[shard_index], bounds[shard_index + 1]):
-                    scene, text, pixels = synthetic_sample(
-                        index,
-                        seed=seed,
-                        image_size=image_size,
-                        held_out=held_out,
-                        two_shape_prob=two_shape_prob,
-                    )
-                    key = f"{index:09d}"
-                    metadata = {
-                        "key": key,
-                        "caption": text,
-                        "background": scene.background,
-                        "shapes": [
-                            {
-                                "colour": s.colour,
-                                "shape": s.shape,
-                                "position": s.position,
-                                "size": s.size,
-                            }
-                            for s in scene.shapes
-                        ],
-                        "width": image_size,
-                        "height": image_size,
-                    }
-                    writer.write(
-                        key,
-                        {
-                            "png": _png_bytes(pixels),
-                            "txt": text.encode("utf-8"),
-                            "json": json.dumps(metadata).encode("utf-8"),
-                        },
-                    )
-                    bar.update(1)
-            paths.append(path)
+        if workers == 1:
+            for path, start, stop in jobs:
+                bar.update(_write_shard(path, start, stop, **options))
+        else:
+            # "spawn": the caller may already run JAX's threads, which a fork would copy mid-state.
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = [pool.submit(_write_shard, *job, **options) for job in jobs]
+                for future in concurrent.futures.as_completed(futures):
+                    bar.update(future.result())
     info = {
         "num_samples": num_samples,
         "num_shards": num_shards,

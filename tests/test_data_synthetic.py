@@ -180,6 +180,16 @@ def test_shards_are_deterministic_for_a_seed(tmp_path):
     assert _digest(first) != _digest(other)
 
 
+def test_parallel_writers_give_the_same_shards(tmp_path):
+    kwargs = dict(num_samples=60, num_shards=3, seed=3, progress=False)
+    serial = write_synthetic_shards(tmp_path / "serial", num_workers=1, **kwargs)
+    parallel = write_synthetic_shards(tmp_path / "parallel", num_workers=2, **kwargs)
+    assert [os.path.basename(p) for p in parallel] == [os.path.basename(p) for p in serial]
+    assert _digest(parallel) == _digest(serial)
+    with pytest.raises(ValueError, match="num_workers"):
+        write_synthetic_shards(tmp_path / "bad", num_workers=0, **kwargs)
+
+
 def test_shard_contents(shard_dir):
     samples = _samples(shard_dir)
     assert len(samples) == 600

@@ -1,5 +1,6 @@
 """The training loop: data -> jitted step -> metrics, sample grids and Orbax checkpoints."""
 
+import concurrent.futures
 import math
 import os
 import tempfile
@@ -219,14 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state_shardings = tree_shardings(mesh, abstract_state)
     manager = checkpoint.make_manager(workdir, keep=train_cfg.keep_checkpoints)
     latest = manager.latest_step()
-    if latest is not None:
-        state, _ = checkpoint.restore_state(manager, latest, abstract_state, state_shardings)
-        logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), latest)
-    else:
-        # Parameters are created directly in their shardings, never whole on one device.
-        state = jax.jit(init_state, out_shardings=state_shardings)(base_rng)
-    start_step = int(jax.device_get(state.step))
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract_state.params))
     logging.info("UNet parameters: %.2fM", num_params / 1e6)
 
     data_sharding = batch_sharding(mesh, batch_axes)
@@ -255,11 +249,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         out_shardings=(state_shardings, replicated_sharding),
         donate_argnums=(0,),
     )
-    # Compile before touching data: shape and memory errors surface in seconds.
+    # Compile before touching data: shape and memory errors surface in seconds. A fresh run
+    # compiles the parameter initialisation at the same time, in a second thread: XLA compiles
+    # each program on one core, and the random initialisers take about as long as the step.
     compile_start = time.time()
-    compiled_step = jitted_step.lower(state, text_params, abstract_batch).compile()
-    cost = _log_compiled(compiled_step, mesh.size)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile") as pool:
+        init_future = None
+        if latest is None:
+            # Parameters are created directly in their shardings, never whole on one device.
+            init_lowered = jax.jit(init_state, out_shardings=state_shardings).lower(base_rng)
+            init_future = pool.submit(init_lowered.compile)
+        compiled_step = jitted_step.lower(abstract_state, text_params, abstract_batch).compile()
+        cost = _log_compiled(compiled_step, mesh.size)
+        if init_future is not None:
+            state = init_future.result()(base_rng)
     logging.info("compile took %.1fs", time.time() - compile_start)
+    if latest is not None:
+        state, _ = checkpoint.restore_state(manager, latest, abstract_state, state_shardings)
+        logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), latest)
+    start_step = int(jax.device_get(state.step))
 
     writer = MetricWriter(workdir, enabled=is_main)
     sample_grid = _make_sample_grid_fn(
