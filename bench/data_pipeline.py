@@ -17,13 +17,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import demo  # noqa: E402
-from data_pipeline.pipeline import make_train_iterator  # noqa: E402
-from data_pipeline.shards import iter_tar_samples  # noqa: E402
-from data_pipeline.synthetic import write_synthetic_shards  # noqa: E402
-from models.text_encoder import build_tokenizer  # noqa: E402
-from train.loop import prepare_tokenizer  # noqa: E402
-
 BATCH_SIZE = 64
 IMAGE_SIZE = 32
 NUM_SHARDS = 8
@@ -35,19 +28,32 @@ def main():
     parser.add_argument("--num_samples", type=int, default=4000)
     parser.add_argument("--batches", type=int, default=50)
     args = parser.parse_args()
+    # Imported here, not at the top: the parallel shard writer's worker processes import this
+    # script's module, and should not pay for JAX.
+    from configs import demo
+    from data_pipeline.pipeline import make_train_iterator
+    from data_pipeline.shards import iter_tar_samples
+    from data_pipeline.synthetic import write_synthetic_shards
+    from models.text_encoder import build_tokenizer
+    from train.loop import prepare_tokenizer
+
     config = demo.get_config()
+    workers = min(os.cpu_count() or 1, NUM_SHARDS)
 
     with tempfile.TemporaryDirectory() as out_dir:
-        start = time.perf_counter()
-        shards = write_synthetic_shards(
-            out_dir,
-            num_samples=args.num_samples,
-            num_shards=NUM_SHARDS,
-            image_size=IMAGE_SIZE,
-            seed=0,
-            progress=False,
-        )
-        write_seconds = time.perf_counter() - start
+        write_seconds = {}
+        for count in (workers, 1):  # the one-process write last, so its shards are read below
+            start = time.perf_counter()
+            shards = write_synthetic_shards(
+                out_dir,
+                num_samples=args.num_samples,
+                num_shards=NUM_SHARDS,
+                image_size=IMAGE_SIZE,
+                seed=0,
+                progress=False,
+                num_workers=count,
+            )
+            write_seconds[count] = time.perf_counter() - start
         shard_bytes = sum(os.path.getsize(path) for path in shards)
         # The demo config's tokenizer; a BPE one is trained on the shards' captions, as
         # training does when it starts.
@@ -85,7 +91,11 @@ def main():
                 "num_shards": NUM_SHARDS,
                 "image_size": IMAGE_SIZE,
                 "shard_mb": round(shard_bytes / 1e6, 2),
-                "write_images_per_sec": round(args.num_samples / write_seconds, 1),
+                "write_images_per_sec": round(args.num_samples / write_seconds[1], 1),
+                "write_workers": workers,
+                "write_images_per_sec_parallel": round(
+                    args.num_samples / write_seconds[workers], 1
+                ),
                 "read_samples_per_sec": round(samples_read / read_seconds, 1),
                 "samples_read": samples_read,
                 "batch_size": BATCH_SIZE,

@@ -301,6 +301,10 @@ def synthetic_sample(index: int, *, seed: int, image_size: int, held_out, two_sh
     return scene, text, pixels
 
 
+# Below this many samples, writing in one process beats starting worker processes.
+PARALLEL_MIN_SAMPLES = 5000
+
+
 def _write_shard(path: str, start: int, stop: int, *, seed: int, image_size: int, held_out,
                  two_shape_prob: float) -> int:
     """Write samples [start, stop) to the tar at `path`; returns how many were written."""
@@ -348,8 +352,10 @@ def write_synthetic_shards(
     """Write `num_samples` captioned images as `out_dir/shard-00000.tar`, ...; return the paths.
 
     Sample i is drawn from rng (seed, i) alone, so the shards are byte-identical for a seed
-    whatever `num_workers` is. `num_workers` processes write whole shards in parallel (default:
-    one per CPU core, at most one per shard; 1 writes in this process).
+    whatever `num_workers` is. `num_workers` processes write whole shards in parallel; 1 writes
+    in this process. The default is one per CPU core (at most one per shard) from
+    PARALLEL_MIN_SAMPLES samples on, else 1. Workers are spawned, so each imports the calling
+    script's main module: keep heavy imports of a script that calls this inside its main().
     """
     from tqdm.auto import tqdm
 
@@ -367,7 +373,9 @@ def write_synthetic_shards(
     jobs = [(paths[i], int(bounds[i]), int(bounds[i + 1])) for i in range(num_shards)]
     options = dict(seed=seed, image_size=image_size, held_out=held_out,
                    two_shape_prob=two_shape_prob)
-    workers = min(num_workers or os.cpu_count() or 1, num_shards)
+    if num_workers is None:
+        num_workers = (os.cpu_count() or 1) if num_samples >= PARALLEL_MIN_SAMPLES else 1
+    workers = min(num_workers, num_shards)
     with tqdm(total=num_samples, desc="synthetic shards", unit="img", disable=not progress) as bar:
         if workers == 1:
             for path, start, stop in jobs:
