@@ -306,8 +306,9 @@ PARALLEL_MIN_SAMPLES = 5000
 
 
 def _write_shard(path: str, start: int, stop: int, *, seed: int, image_size: int, held_out,
-                 two_shape_prob: float) -> int:
-    """Write samples [start, stop) to the tar at `path`; returns how many were written."""
+                 two_shape_prob: float, on_sample=None) -> int:
+    """Write samples [start, stop) to the tar at `path`; returns how many were written.
+    `on_sample()` (in-process writing only) is called after each sample."""
     with TarShardWriter(path) as writer:
         for index in range(start, stop):
             scene, text, pixels = synthetic_sample(
@@ -334,6 +335,8 @@ def _write_shard(path: str, start: int, stop: int, *, seed: int, image_size: int
                     "json": json.dumps(metadata).encode("utf-8"),
                 },
             )
+            if on_sample is not None:
+                on_sample()
     return stop - start
 
 
@@ -379,7 +382,7 @@ def write_synthetic_shards(
     with tqdm(total=num_samples, desc="synthetic shards", unit="img", disable=not progress) as bar:
         if workers == 1:
             for path, start, stop in jobs:
-                bar.update(_write_shard(path, start, stop, **options))
+                _write_shard(path, start, stop, **options, on_sample=lambda: bar.update(1))
         else:
             # "spawn": the caller may already run JAX's threads, which a fork would copy mid-state.
             context = multiprocessing.get_context("spawn")
