@@ -389,6 +389,6 @@ def read_captions(
                     captions.append(text)
                     if len(captions) >= limit:
                         return captions
-        except (tarfile.TarError, OSError) as error:
+        except _SHARD_ERRORS as error:
             logging.warning("reading captions from %s stopped early: %s", shard, error)
     return captions

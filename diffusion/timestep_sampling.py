@@ -33,10 +33,9 @@ def sample_timesteps(rng, batch_size: int, num_train_timesteps: int, method: str
     elif method == "shifted":
         u = shift_fraction(jax.random.uniform(rng, (batch_size,)), shift)
     else:
-        u = None
-    if u is not None:
-        t = jnp.floor(u * num_train_timesteps).astype(jnp.int32)
-        return jnp.clip(t, 0, num_train_timesteps - 1)
-    raise ValueError(
-        f"diffusion.timestep_sampling={method!r} is not supported; allowed: {TIMESTEP_SAMPLINGS}"
-    )
+        raise ValueError(
+            f"diffusion.timestep_sampling={method!r} is not supported; allowed: "
+            f"{TIMESTEP_SAMPLINGS}"
+        )
+    t = jnp.floor(u * num_train_timesteps).astype(jnp.int32)
+    return jnp.clip(t, 0, num_train_timesteps - 1)
