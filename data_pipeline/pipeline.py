@@ -8,7 +8,6 @@ rerun with the same inputs sees the same data in the same order.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import json
 import logging
@@ -20,13 +19,12 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
+from data_pipeline.images import IMAGE_EXTENSIONS, decode_image
 from data_pipeline.shards import expand_shards, iter_tar_samples
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # What a damaged, truncated or unreachable shard raises while being streamed.
 _SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
@@ -49,40 +47,6 @@ class PipelineStats:
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
-
-
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Decode to uint8 [image_size, image_size, 3]: shorter side resized, then centre-cropped."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.format == "JPEG":
-            # Lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the result stays large enough.
-            image.draft("RGB", (image_size, image_size))
-        image.load()
-        rgb = _to_rgb(image)
-    width, height = rgb.size
-    if (width, height) != (image_size, image_size):
-        side = min(width, height)
-        left, top = (width - side) / 2, (height - side) / 2
-        # Cropping via `box` resamples only the centre square, in one pass; PIL's bicubic filter
-        # widens with the scale factor, so large downscales are area-averaged, not aliased.
-        rgb = rgb.resize(
-            (image_size, image_size),
-            Image.Resampling.BICUBIC,
-            box=(left, top, left + side, top + side),
-        )
-    return np.asarray(rgb, dtype=np.uint8)
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if not has_alpha:
-        return image.convert("RGB")
-    # Transparent pixels carry arbitrary colour; compositing on white is what viewers show.
-    rgba = image.convert("RGBA")
-    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
 def _pick_text(value, rng: np.random.Generator) -> str | None:

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipeline.images import decode_image
 from data_pipeline.pipeline import (
     PipelineStats,
     choose_caption,
-    decode_image,
     make_train_iterator,
 )
 from data_pipeline.shards import TarShardWriter
