@@ -117,8 +117,10 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     return shards
 
 
-def open_stream(url_or_path: str) -> IO[bytes]:
-    """Open a shard for sequential reading: local path, http(s), or any fsspec URL (gs://, s3://)."""
+def open_stream(url_or_path: str, storage_options: dict | None = None) -> IO[bytes]:
+    """Open a shard for sequential reading: local path, http(s), or any fsspec URL (gs://, s3://).
+
+    `storage_options` go to the fsspec filesystem (e.g. {"endpoint_url": ...} for s3fs)."""
     if not is_url(url_or_path) or url_or_path.startswith("file://"):
         path = url_or_path.removeprefix("file://")
         return open(path, "rb")
@@ -132,6 +134,7 @@ def open_stream(url_or_path: str) -> IO[bytes]:
             # block_size=0 asks fsspec for a plain stream: no Range requests, no size probe,
             # so servers without Range support (and chunked responses) work too.
             options = {"block_size": 0} if scheme in ("http", "https") else {}
+            options.update(storage_options or {})
             return fsspec.open(url_or_path, "rb", **options).open()
         except ImportError:
             # fsspec's http backend needs aiohttp; urllib below needs nothing extra.
@@ -174,14 +177,19 @@ def _require_end_of_archive(archive: tarfile.TarFile, url_or_path: str) -> None:
             )
 
 
-def iter_tar_members(url_or_path: str) -> Iterator[tuple[str, bytes]]:
+def iter_tar_members(
+    url_or_path: str, storage_options: dict | None = None
+) -> Iterator[tuple[str, bytes]]:
     """Stream (member name, payload) for the regular files of a tar (optionally gzip/bz2/xz).
 
     Damage raises tarfile.ReadError (or OSError from the transport), including a stream cut
     exactly between members.
     """
     # "r|" is tarfile's forward-only mode: no seeking, so remote shards are read as they arrive.
-    with open_stream(url_or_path) as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
+    with (
+        open_stream(url_or_path, storage_options) as raw,
+        tarfile.open(fileobj=raw, mode="r|*") as archive,
+    ):
         while (info := archive.next()) is not None:
             # tarfile keeps every header it has read, for random access a stream never makes;
             # dropping them keeps memory flat however many members a shard holds.
@@ -191,7 +199,7 @@ def iter_tar_members(url_or_path: str) -> Iterator[tuple[str, bytes]]:
         _require_end_of_archive(archive, url_or_path)
 
 
-def iter_tar_samples(url_or_path: str) -> Iterator[dict]:
+def iter_tar_samples(url_or_path: str, storage_options: dict | None = None) -> Iterator[dict]:
     """Stream the samples of one shard as dicts {"__key__", "__url__", ext: bytes}.
 
     Consecutive members with the same key form one sample. A truncated or corrupt shard raises
@@ -199,7 +207,7 @@ def iter_tar_samples(url_or_path: str) -> Iterator[dict]:
     before the damage; the sample at the point of damage is never yielded.
     """
     current: dict | None = None
-    for name, payload in iter_tar_members(url_or_path):
+    for name, payload in iter_tar_members(url_or_path, storage_options):
         parsed = split_member_name(name)
         if parsed is None:
             continue

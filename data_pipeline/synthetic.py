@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_pipeline.records import encode_record
 from data_pipeline.shards import TarShardWriter
 
 SHAPES = ("circle", "square", "triangle")
@@ -305,38 +306,67 @@ def synthetic_sample(index: int, *, seed: int, image_size: int, held_out, two_sh
 PARALLEL_MIN_SAMPLES = 5000
 
 
+def _sample_fields(index: int, *, seed: int, image_size: int, held_out, two_shape_prob: float):
+    """(key, png bytes, caption, metadata) of sample `index`, as both shard formats store it."""
+    scene, text, pixels = synthetic_sample(
+        index, seed=seed, image_size=image_size, held_out=held_out, two_shape_prob=two_shape_prob,
+    )
+    key = f"{index:09d}"
+    metadata = {
+        "key": key,
+        "caption": text,
+        "background": scene.background,
+        "shapes": [
+            {"colour": s.colour, "shape": s.shape, "position": s.position, "size": s.size}
+            for s in scene.shapes
+        ],
+        "width": image_size,
+        "height": image_size,
+    }
+    return key, _png_bytes(pixels), text, metadata
+
+
 def _write_shard(path: str, start: int, stop: int, *, seed: int, image_size: int, held_out,
                  two_shape_prob: float, on_sample=None) -> int:
     """Write samples [start, stop) to the tar at `path`; returns how many were written.
     `on_sample()` (in-process writing only) is called after each sample."""
     with TarShardWriter(path) as writer:
         for index in range(start, stop):
-            scene, text, pixels = synthetic_sample(
+            key, png, text, metadata = _sample_fields(
                 index, seed=seed, image_size=image_size, held_out=held_out,
                 two_shape_prob=two_shape_prob,
             )
-            key = f"{index:09d}"
-            metadata = {
-                "key": key,
-                "caption": text,
-                "background": scene.background,
-                "shapes": [
-                    {"colour": s.colour, "shape": s.shape, "position": s.position, "size": s.size}
-                    for s in scene.shapes
-                ],
-                "width": image_size,
-                "height": image_size,
-            }
             writer.write(
                 key,
-                {
-                    "png": _png_bytes(pixels),
-                    "txt": text.encode("utf-8"),
-                    "json": json.dumps(metadata).encode("utf-8"),
-                },
+                {"png": png, "txt": text.encode("utf-8"), "json": json.dumps(metadata).encode()},
             )
             if on_sample is not None:
                 on_sample()
+    return stop - start
+
+
+def _write_record_shard(path: str, start: int, stop: int, *, seed: int, image_size: int,
+                        held_out, two_shape_prob: float, on_sample=None) -> int:
+    """Write samples [start, stop) as ArrayRecord records (data_pipeline.records' format); the
+    file appears under its final name only once complete."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    tmp_path = path + ".incomplete"
+    # group_size:1 makes every record its own chunk: random reads decompress one record only.
+    writer = ArrayRecordWriter(tmp_path, "group_size:1")
+    try:
+        for index in range(start, stop):
+            key, png, text, metadata = _sample_fields(
+                index, seed=seed, image_size=image_size, held_out=held_out,
+                two_shape_prob=two_shape_prob,
+            )
+            del metadata["caption"], metadata["key"]
+            writer.write(encode_record(key, png, "png", [text], metadata))
+            if on_sample is not None:
+                on_sample()
+    finally:
+        writer.close()
+    os.replace(tmp_path, path)
     return stop - start
 
 
@@ -351,8 +381,11 @@ def write_synthetic_shards(
     two_shape_prob: float = 0.2,
     progress: bool = True,
     num_workers: int | None = None,
+    file_format: str = "tar",
 ) -> list[str]:
-    """Write `num_samples` captioned images as `out_dir/shard-00000.tar`, ...; return the paths.
+    """Write `num_samples` captioned images as `out_dir/shard-00000.tar`, ... (file_format
+    "tar") or `out_dir/synthetic-00000-of-00016.array_record`, ... ("array_record", one
+    data_pipeline.records record per image); return the paths.
 
     Sample i is drawn from rng (seed, i) alone, so the shards are byte-identical for a seed
     whatever `num_workers` is. `num_workers` processes write whole shards in parallel; 1 writes
@@ -372,7 +405,15 @@ def write_synthetic_shards(
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     bounds = np.linspace(0, num_samples, num_shards + 1).round().astype(int)
-    paths = [os.path.join(out_dir, f"shard-{i:05d}.tar") for i in range(num_shards)]
+    if file_format == "tar":
+        paths = [os.path.join(out_dir, f"shard-{i:05d}.tar") for i in range(num_shards)]
+        write_one = _write_shard
+    elif file_format == "array_record":
+        paths = [os.path.join(out_dir, f"synthetic-{i:05d}-of-{num_shards:05d}.array_record")
+                 for i in range(num_shards)]
+        write_one = _write_record_shard
+    else:
+        raise ValueError(f"file_format {file_format!r} must be 'tar' or 'array_record'")
     jobs = [(paths[i], int(bounds[i]), int(bounds[i + 1])) for i in range(num_shards)]
     options = dict(seed=seed, image_size=image_size, held_out=held_out,
                    two_shape_prob=two_shape_prob)
@@ -382,12 +423,12 @@ def write_synthetic_shards(
     with tqdm(total=num_samples, desc="synthetic shards", unit="img", disable=not progress) as bar:
         if workers == 1:
             for path, start, stop in jobs:
-                _write_shard(path, start, stop, **options, on_sample=lambda: bar.update(1))
+                write_one(path, start, stop, **options, on_sample=lambda: bar.update(1))
         else:
             # "spawn": the caller may already run JAX's threads, which a fork would copy mid-state.
             context = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-                futures = [pool.submit(_write_shard, *job, **options) for job in jobs]
+                futures = [pool.submit(write_one, *job, **options) for job in jobs]
                 for future in concurrent.futures.as_completed(futures):
                     bar.update(future.result())
     info = {
@@ -398,6 +439,7 @@ def write_synthetic_shards(
         "seed": seed,
         "two_shape_prob": two_shape_prob,
         "shards": [os.path.basename(path) for path in paths],
+        "format": file_format,
     }
     with open(os.path.join(out_dir, "dataset_info.json"), "w") as handle:
         json.dump(info, handle, indent=2)

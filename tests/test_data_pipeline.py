@@ -1,22 +1,20 @@
+"""The Grain input pipeline: batches, global order, hosts, and exact resume for every source."""
+
 import io
 import json
-import logging
-import threading
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.images import decode_image
-from data_pipeline.pipeline import (
-    PipelineStats,
-    choose_caption,
-    make_train_iterator,
-)
+from data_pipeline import input_pipeline
+from data_pipeline.input_pipeline import make_train_iterator
+from data_pipeline.records import encode_record
 from data_pipeline.shards import TarShardWriter
-from data_pipeline.synthetic import write_synthetic_shards
 
-MAX_LENGTH = 24
+MAX_LENGTH = 16
+NUM_RECORDS = 40  # 5 batches of 8 per epoch
 
 
 def byte_tokenizer(captions):
@@ -27,192 +25,220 @@ def byte_tokenizer(captions):
     return ids
 
 
-def _png(colour, size=(32, 32)):
+def _png(index):
     buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    Image.new("RGB", (12, 10), (index % 256, 7, 9)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def _write_numbered_shards(directory, num_shards, per_shard):
-    """Shards whose captions name each sample, so tests can see exactly what was read."""
-    paths = []
-    for shard in range(num_shards):
-        path = directory / f"shard-{shard:05d}.tar"
-        with TarShardWriter(path) as writer:
-            for item in range(per_shard):
-                index = shard * per_shard + item
-                writer.write(
-                    f"{index:09d}",
-                    {"png": _png((index % 256, 0, 0)), "txt": f"sample {index}".encode()},
-                )
-        paths.append(str(path))
-    return paths
+def _data_config(source, paths="", **overrides):
+    config = ml_collections.ConfigDict({
+        "source": source, "paths": paths, "image_size": 8, "shuffle_buffer": 6,
+        "prefetch": 2, "num_workers": 2, "decode_workers": "threads",
+        "caption_json_field": "caption", "empty_captions": "drop", "tar_cycle_length": 2,
+        "read_retries": 0, "read_backoff_s": 0.0, "storage_options": "",
+        "tfds_name": "", "tfds_split": "train", "tfds_data_dir": "", "image_feature": "image",
+        "caption_feature": "caption",
+    })
+    config.update(overrides)
+    return config
 
 
 @pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("synthetic_shards")
-    write_synthetic_shards(out_dir, num_samples=240, num_shards=4, seed=0, progress=False)
-    return out_dir
+def record_dir(tmp_path_factory):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    directory = tmp_path_factory.mktemp("records")
+    for shard in range(2):
+        writer = ArrayRecordWriter(str(directory / f"part-{shard}.array_record"), "group_size:1")
+        for item in range(NUM_RECORDS // 2):
+            index = shard * NUM_RECORDS // 2 + item
+            writer.write(encode_record(f"{index:05d}", _png(index), "png",
+                                       [f"sample {index}", f"also sample {index}"]))
+        writer.close()
+    return str(directory)
 
 
-def _take(iterator, count):
-    return [next(iterator) for _ in range(count)]
+@pytest.fixture(scope="module")
+def tar_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tars")
+    for shard in range(4):
+        with TarShardWriter(directory / f"shard-{shard:05d}.tar") as writer:
+            for item in range(NUM_RECORDS // 4):
+                index = shard * NUM_RECORDS // 4 + item
+                writer.write(f"{index:05d}", {"png": _png(index),
+                                              "txt": f"sample {index}".encode()})
+    return str(directory)
 
 
-def _iterator(shards, **overrides):
-    kwargs = dict(batch_size=8, image_size=32, tokenizer=byte_tokenizer, seed=0, shuffle_buffer=50)
-    kwargs.update(overrides)
-    return make_train_iterator(shards, **kwargs)
+def _config_for(source, record_dir, tar_dir):
+    return _data_config(source, paths=tar_dir if source == "tar" else record_dir)
 
 
-def test_batch_shapes_and_dtypes(synthetic_dir):
-    with _iterator(str(synthetic_dir), image_size=16) as iterator:
+def _keys(iterator, count):
+    return [next(iterator)["keys"] for _ in range(count)]
+
+
+def _iterator(config, **kwargs):
+    options = dict(workdir="", tokenizer=byte_tokenizer, batch_size=8, seed=3)
+    options.update(kwargs)
+    return make_train_iterator(config, **options)
+
+
+def test_batches_hold_decoded_images_tokens_and_keys(record_dir):
+    with _iterator(_data_config("arrayrecord", record_dir)) as iterator:
         batch = next(iterator)
-    assert batch["images"].shape == (8, 16, 16, 3) and batch["images"].dtype == np.uint8
+    assert batch["images"].shape == (8, 8, 8, 3) and batch["images"].dtype == np.uint8
     assert batch["input_ids"].shape == (8, MAX_LENGTH) and batch["input_ids"].dtype == np.int32
-    assert len(batch["captions"]) == 8 and all(isinstance(c, str) for c in batch["captions"])
     np.testing.assert_array_equal(batch["input_ids"], byte_tokenizer(batch["captions"]))
+    for key, caption, image in zip(batch["keys"], batch["captions"], batch["images"],
+                                   strict=True):
+        index = int(key.split("/")[1])
+        assert key.startswith("part-") and caption.endswith(f"sample {index}")
+        assert abs(int(image[4, 4, 0]) - index) <= 1  # the record's own pixels
 
 
-def test_same_seed_same_batches_with_or_without_prefetch(synthetic_dir):
-    # 40 batches of 8 cover more than one epoch of 240 samples.
-    with _iterator(str(synthetic_dir), prefetch=0) as plain, _iterator(str(synthetic_dir)) as ahead:
-        for first, second in zip(_take(plain, 40), _take(ahead, 40), strict=True):
-            np.testing.assert_array_equal(first["images"], second["images"])
-            assert first["captions"] == second["captions"]
-        assert plain.stats.epochs >= 1
+@pytest.mark.parametrize("source", ["arrayrecord", "tar"])
+def test_each_epoch_covers_every_example_once_in_a_new_order(source, record_dir, tar_dir):
+    config = _config_for(source, record_dir, tar_dir)
+    config.prefetch = 0
+    with _iterator(config) as iterator:
+        epochs = [sum(_keys(iterator, NUM_RECORDS // 8), []) for _ in range(2)]
+        assert iterator.counters()["epochs"] == 1
+    for keys in epochs:
+        assert sorted(int(key.split("/")[1]) for key in keys) == list(range(NUM_RECORDS))
+    assert epochs[0] != epochs[1]
 
 
-def test_other_seed_other_order(synthetic_dir):
-    with _iterator(str(synthetic_dir)) as first, _iterator(str(synthetic_dir), seed=1) as other:
-        assert [b["captions"] for b in _take(first, 3)] != [b["captions"] for b in _take(other, 3)]
+def test_caption_choice_varies_but_is_reproducible(record_dir):
+    config = _data_config("arrayrecord", record_dir)
+    with _iterator(config) as first, _iterator(config) as second:
+        captions = [next(first)["captions"] for _ in range(5)]
+        assert captions == [next(second)["captions"] for _ in range(5)]
+    flat = sum(captions, [])
+    assert any(c.startswith("also") for c in flat) and any(c.startswith("sample") for c in flat)
 
 
-def test_epochs_reshuffle_and_cover_every_sample(tmp_path):
-    shards = _write_numbered_shards(tmp_path, num_shards=3, per_shard=10)
-    with _iterator(shards, batch_size=5, shuffle_buffer=8, prefetch=0) as iterator:
-        first_epoch = sum((b["captions"] for b in _take(iterator, 6)), [])
-        second_epoch = sum((b["captions"] for b in _take(iterator, 6)), [])
-    assert first_epoch != second_epoch
-    everything = first_epoch + second_epoch
-    assert {f"sample {i}" for i in range(30)} <= set(everything)
+@pytest.mark.parametrize("source", ["arrayrecord", "tar"])
+@pytest.mark.parametrize("stop_after", [3, 5, 7])  # mid-epoch, just after the epoch end, later
+def test_resume_continues_exactly(source, stop_after, record_dir, tar_dir):
+    config = _config_for(source, record_dir, tar_dir)
+    with _iterator(config) as iterator:
+        expected = _keys(iterator, 12)
+    with _iterator(config) as iterator:
+        assert _keys(iterator, stop_after) == expected[:stop_after]
+        # Prefetching has read ahead by now; the state must still be the consumer's position.
+        state = iterator.get_state()
+        counters = iterator.counters()
+    assert json.loads(state)["counters"]["examples"] == 8 * stop_after
+    with _iterator(config) as resumed:
+        resumed.set_state(state)
+        resumed.start_prefetch()
+        assert resumed.counters() == counters
+        assert _keys(resumed, 12 - stop_after) == expected[stop_after:]
+        assert resumed.counters()["examples"] == 8 * 12
 
 
-def test_hosts_read_disjoint_shards_that_cover_all(tmp_path):
-    shards = _write_numbered_shards(tmp_path, num_shards=5, per_shard=4)
-    seen = []
-    for host in range(2):
-        with _iterator(
-            shards, process_index=host, process_count=2, batch_size=1, shuffle_buffer=0, prefetch=0
-        ) as iterator:
-            mine = iterator.host_shards(epoch=0)
-            captions = [next(iterator)["captions"][0] for _ in range(4 * len(mine))]
-            assert iterator.stats.epochs == 0
-            seen.append((set(mine), set(captions)))
-    (shards_a, captions_a), (shards_b, captions_b) = seen
-    assert not shards_a & shards_b and shards_a | shards_b == set(shards)
-    assert not captions_a & captions_b
-    assert captions_a | captions_b == {f"sample {i}" for i in range(20)}
+def test_global_batches_do_not_depend_on_the_process_count(record_dir):
+    config = _data_config("arrayrecord", record_dir)
+    with _iterator(config) as single:
+        expected = _keys(single, 7)
+    hosts = [_iterator(config, batch_size=4, process_index=p, process_count=2) for p in (0, 1)]
+    try:
+        got = [sum((next(host)["keys"] for host in hosts), []) for _ in range(7)]
+    finally:
+        for host in hosts:
+            host.close()
+    assert got == expected
 
 
-def test_more_hosts_than_shards_is_an_error(tmp_path):
-    shards = _write_numbered_shards(tmp_path, num_shards=2, per_shard=2)
-    with pytest.raises(ValueError, match="no shards"):
-        _iterator(shards, process_index=2, process_count=3)
+def test_random_access_state_resumes_with_another_process_count(record_dir):
+    config = _data_config("arrayrecord", record_dir)
+    with _iterator(config) as single:
+        expected = _keys(single, 9)
+    hosts = [_iterator(config, batch_size=4, process_index=p, process_count=2) for p in (0, 1)]
+    for _ in range(6):
+        for host in hosts:
+            next(host)
+    state = hosts[1].get_state()
+    for host in hosts:
+        host.close()
+    with _iterator(config) as resumed:
+        resumed.set_state(state)
+        assert _keys(resumed, 3) == expected[6:]
 
 
-def test_bad_samples_are_skipped_and_counted(tmp_path):
-    path = tmp_path / "mixed.tar"
-    with TarShardWriter(path) as writer:
-        writer.write("good0", {"png": _png((10, 20, 30)), "txt": b"a good caption"})
-        writer.write("corrupt", {"png": b"\x89PNG\r\n\x1a\nnot really", "txt": b"broken image"})
-        writer.write("truncpng", {"png": _png((1, 2, 3))[:40], "txt": b"cut image"})
-        writer.write("nocaption", {"png": _png((40, 50, 60))})
-        writer.write("emptytxt", {"png": _png((40, 50, 60)), "txt": b"  "})
-        writer.write("noimage", {"txt": b"caption without image"})
-        writer.write(
-            "jsononly",
-            {"png": _png((70, 80, 90)), "json": json.dumps({"captions": ["x one", "x two"]})},
-        )
-    with _iterator(str(path), batch_size=2, prefetch=0) as iterator:
-        batches = _take(iterator, 3)
-        stats = iterator.stats.as_dict()
-    captions = {c for b in batches for c in b["captions"]}
-    assert captions <= {"a good caption", "x one", "x two"}
-    assert stats["samples_read"] >= 7 and stats["epochs"] >= 1
-    assert stats["skipped_decode"] >= 2 and stats["skipped_decode"] % 2 == 0
-    assert stats["skipped_no_caption"] >= 2 and stats["skipped_no_caption"] % 2 == 0
-    assert stats["skipped_other"] >= 1
-    assert stats["samples_yielded"] == 6
+def test_tar_hosts_read_disjoint_shards_and_refuse_another_process_count(tar_dir):
+    config = _data_config("tar", tar_dir)
+    hosts = [_iterator(config, batch_size=4, process_index=p, process_count=2) for p in (0, 1)]
+    try:
+        # One epoch: each host holds 2 of the 4 shards, 20 examples = 5 batches of 4.
+        per_host = [sum(_keys(host, 5), []) for host in hosts]
+        state = hosts[0].get_state()
+    finally:
+        for host in hosts:
+            host.close()
+    shards = [{key.split("/")[0] for key in keys} for keys in per_host]
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 4
+    assert sorted(per_host[0] + per_host[1]) == sorted(
+        f"shard-{i // 10:05d}.tar/{i:05d}" for i in range(NUM_RECORDS))
+    with _iterator(config) as single, pytest.raises(ValueError, match="split over hosts"):
+        single.set_state(state)
 
 
-def test_truncated_shard_is_survived(tmp_path, caplog):
-    shards = _write_numbered_shards(tmp_path, num_shards=2, per_shard=10)
-    # Each sample is two 1 KiB members; cut inside sample 15's caption member.
-    data = open(shards[1], "rb").read()
-    with open(shards[1], "wb") as handle:
-        handle.write(data[: 5 * 2048 + 1024 + 300])
-    with caplog.at_level(logging.WARNING, logger="data_pipeline.pipeline"):
-        with _iterator(shards, batch_size=4, prefetch=0) as iterator:
-            captions = [c for b in _take(iterator, 12) for c in b["captions"]]
-            stats = iterator.stats
-    assert stats.skipped_other >= 2 and stats.epochs >= 2
-    assert {f"sample {i}" for i in range(10)} <= set(captions)
-    assert {f"sample {i}" for i in range(10, 15)} <= set(captions)
-    assert not any(f"sample {i}" in captions for i in range(15, 20))
-    warnings = [r for r in caplog.records if "shard-00001" in r.getMessage()]
-    assert len(warnings) == 1
-
-
-def test_unusable_data_raises_instead_of_spinning(tmp_path):
-    path = tmp_path / "useless.tar"
-    with TarShardWriter(path) as writer:
-        writer.write("a", {"png": b"garbage", "txt": b"caption"})
-        writer.write("b", {"png": _png((1, 2, 3))})
-    with _iterator(str(path)) as iterator:
-        with pytest.raises(RuntimeError, match="no usable sample"):
-            next(iterator)
-
-
-def test_close_stops_the_prefetch_thread(synthetic_dir):
-    before = threading.active_count()
-    iterator = _iterator(str(synthetic_dir), prefetch=3)
-    next(iterator)
-    iterator.close()
-    iterator.close()
-    assert threading.active_count() == before
-    with pytest.raises(StopIteration):
+def test_states_of_other_data_or_seeds_are_refused(record_dir, tar_dir):
+    with _iterator(_data_config("arrayrecord", record_dir)) as iterator:
         next(iterator)
+        state = iterator.get_state()
+    with _iterator(_data_config("tar", tar_dir)) as other, pytest.raises(ValueError,
+                                                                           match="source"):
+        other.set_state(state)
+    with _iterator(_data_config("arrayrecord", record_dir), seed=4) as other, pytest.raises(
+            ValueError, match="seed"):
+        other.set_state(state)
 
 
-def test_decode_image_resizes_shorter_side_and_centre_crops():
-    # 80x40 -> the centre 40x40 square (columns 20..60) at 16x16; red only in columns 30..50.
-    wide = np.zeros((40, 80, 3), np.uint8)
-    wide[:, :, 2] = 255
-    wide[:, 30:50] = (255, 0, 0)
-    buffer = io.BytesIO()
-    Image.fromarray(wide).save(buffer, format="JPEG", quality=95)
-    out = decode_image(buffer.getvalue(), 16)
-    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
-    assert out[:, 6:10, 0].min() > 200 and out[:, 6:10, 2].max() < 60
-    assert out[:, :2, 2].min() > 200 and out[:, -2:, 2].min() > 200
+def test_grain_orbax_handler_saves_and_restores_the_position(record_dir, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
 
-    rgba = Image.new("RGBA", (8, 8), (0, 0, 255, 0))
-    buffer = io.BytesIO()
-    rgba.save(buffer, format="PNG")
-    np.testing.assert_array_equal(decode_image(buffer.getvalue(), 8), np.full((8, 8, 3), 255))
-    with pytest.raises(OSError):
-        decode_image(b"nonsense", 8)
+    config = _data_config("arrayrecord", record_dir)
+    with _iterator(config) as iterator:
+        expected = _keys(iterator, 6)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager, _iterator(config) as iterator:
+        _keys(iterator, 4)
+        manager.save(4, args=ocp.args.Composite(
+            data_iter=grain.checkpoint.CheckpointSave(iterator)))
+        manager.wait_until_finished()
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager, _iterator(config) as resumed:
+        manager.restore(4, args=ocp.args.Composite(
+            data_iter=grain.checkpoint.CheckpointRestore(resumed)))
+        assert _keys(resumed, 2) == expected[4:]
 
 
-def test_choose_caption_order_and_lists():
-    rng = np.random.default_rng(0)
-    sample = {"txt": b"from txt", "json": json.dumps({"caption": "from json"}).encode()}
-    assert choose_caption(sample, ("txt", "json"), rng) == "from txt"
-    assert choose_caption(sample, ("json", "txt"), rng) == "from json"
-    many = {"json": json.dumps({"captions": ["one", "two", "three"]}).encode()}
-    picks = {choose_caption(many, ("json",), rng) for _ in range(40)}
-    assert picks == {"one", "two", "three"}
-    assert choose_caption({"json": b"{broken"}, ("txt", "json"), rng) is None
-    assert PipelineStats().as_dict()["skipped_decode"] == 0
+def test_worker_processes_give_the_same_batches_as_threads(record_dir):
+    config = _data_config("arrayrecord", record_dir)
+    with _iterator(config) as threads:
+        expected = _keys(threads, 3)
+    config.decode_workers = "processes"
+    with _iterator(config) as processes:
+        assert _keys(processes, 3) == expected
+
+
+def test_synthetic_source_writes_array_records_once_and_reads_them(tmp_path):
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.data.synthetic_num_samples = 24
+    config.data.synthetic_num_shards = 2
+    paths = input_pipeline.write_synthetic_data(config, str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in paths] == [
+        "synthetic-00000-of-00002.array_record", "synthetic-00001-of-00002.array_record"]
+    mtimes = [tmp_path.joinpath("data", p.rsplit("/", 1)[1]).stat().st_mtime_ns for p in paths]
+    assert input_pipeline.write_synthetic_data(config, str(tmp_path)) == paths
+    assert mtimes == [tmp_path.joinpath("data", p.rsplit("/", 1)[1]).stat().st_mtime_ns
+                      for p in paths]
+    with make_train_iterator(config.data, workdir=str(tmp_path), tokenizer=byte_tokenizer,
+                             batch_size=8, seed=0) as iterator:
+        keys = sum(_keys(iterator, 3), [])
+    assert sorted(int(k.split("/")[1]) for k in keys) == list(range(24))
