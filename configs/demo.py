@@ -15,13 +15,41 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = data = ml_collections.ConfigDict()
-    # "synthetic": write the demo shards into `<workdir>/data` first (if absent), then stream them.
-    # "tar": stream the shards named by `data.shards` (dir, glob, brace range, URL list).
+    # "synthetic": write the demo dataset as ArrayRecord into `<workdir>/data` (if absent).
+    # "arrayrecord": ArrayRecord files named by `data.paths` (what `prepare` writes).
+    # "tar": img2dataset / WebDataset tar shards named by `data.paths`.
+    # "tfds": the TFDS dataset `tfds_name` (prepared in `tfds_data_dir`), read by random access.
     data.source = "synthetic"
+    # Files, directories, globs, brace ranges (shard-{00000..00099}.tar), comma lists, or URLs
+    # (http(s)://, gs://, s3://; s3/gs need s3fs/gcsfs).
+    data.paths = ""
+    # Read by the previous tar iterator only; replaced by `paths`.
     data.shards = ""
+    # fsspec options for remote paths as a JSON object, e.g. '{"endpoint_url": "http://..."}'.
+    data.storage_options = ""
+    data.tfds_name = ""
+    data.tfds_split = "train"
+    data.tfds_data_dir = ""
+    data.image_feature = "image"
+    data.caption_feature = "caption"
+    # JSON members: this field (a string) or its plural (a list, one chosen at random).
+    data.caption_json_field = "caption"
+    # Samples without a caption: "drop" them, or train on them as "unconditional" examples.
+    data.empty_captions = "drop"
     data.image_size = 32
+    # Tar only: the shuffle window, in samples, over `tar_cycle_length` interleaved shards.
+    # Random-access sources are shuffled globally instead.
     data.shuffle_buffer = 2000
+    data.tar_cycle_length = 4
+    # Remote tar shards: retries with exponential backoff before a shard is skipped.
+    data.read_retries = 3
+    data.read_backoff_s = 1.0
+    # Batches prepared ahead of the train step.
     data.prefetch = 4
+    # Parallel image decoding: `num_workers` threads ("threads") or Grain worker processes
+    # ("processes", random-access sources only).
+    data.decode_workers = "threads"
+    data.num_workers = 2
     data.synthetic_num_samples = 20_000
     data.synthetic_num_shards = 16
     data.synthetic_two_shape_prob = 0.05

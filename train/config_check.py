@@ -5,6 +5,8 @@ from collections.abc import Iterable
 
 import ml_collections
 
+from data_pipeline.captions import EMPTY_CAPTION_POLICIES
+from data_pipeline.input_pipeline import DATA_SOURCES, DECODE_WORKER_KINDS, storage_options
 from diffusion.loss import LOSS_WEIGHTINGS
 from diffusion.parameterization import PREDICTION_TYPES
 from diffusion.schedules import SCHEDULES
@@ -14,7 +16,6 @@ from models.text_encoder import DEMO_TOKENIZERS
 from models.unet import RESNET_TIME_SCALE_SHIFTS
 
 SAMPLERS = ("ddim", "ddpm")
-DATA_SOURCES = ("synthetic", "tar")
 TEXT_ENCODERS = ("demo", "clip")
 DTYPES = ("float32", "bfloat16")
 LR_DECAYS = ("cosine", "constant")
@@ -55,6 +56,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             "config.data.shards is empty; data.source='tar' needs shard paths or URLs"
         )
+    if data.source == "arrayrecord" and not data.paths:
+        raise ConfigError("config.data.paths is empty; data.source='arrayrecord' needs files")
+    if data.source == "tfds" and not data.tfds_name:
+        raise ConfigError("config.data.tfds_name is empty; data.source='tfds' needs a name")
+    _choice("data.empty_captions", data.empty_captions, EMPTY_CAPTION_POLICIES)
+    _choice("data.decode_workers", data.decode_workers, DECODE_WORKER_KINDS)
+    if data.source == "tar" and data.decode_workers != "threads":
+        raise ConfigError("config.data.decode_workers='processes' needs a random-access source; "
+                          "tar shards are decoded by threads")
+    _positive("data.num_workers", data.num_workers)
+    _positive("data.prefetch", data.prefetch, allow_zero=True)
+    _positive("data.tar_cycle_length", data.tar_cycle_length)
+    _positive("data.read_retries", data.read_retries, allow_zero=True)
+    try:
+        storage_options(data)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     _positive("data.image_size", data.image_size)
     _positive("data.shuffle_buffer", data.shuffle_buffer, allow_zero=True)
 
