@@ -374,13 +374,14 @@ class _TarShard:
         self._writer = TarShardWriter(path)
 
     def write(self, key: str, example: Checked, meta: dict) -> int:
-        caption = example.captions[0] if example.captions else ""
-        metadata = {"caption": caption, "captions": list(example.captions), **meta}
-        fields = {
-            example.extension: example.data,
-            "txt": caption.encode("utf-8"),
-            "json": json.dumps(metadata, ensure_ascii=False).encode("utf-8"),
-        }
+        metadata = {"captions": list(example.captions), **meta}
+        fields = {example.extension: example.data}
+        if len(example.captions) == 1:
+            # The img2dataset layout. With several captions there is no .txt and no "caption":
+            # readers try those first and would never pick from the list.
+            (metadata["caption"],) = example.captions
+            fields["txt"] = example.captions[0].encode("utf-8")
+        fields["json"] = json.dumps(metadata, ensure_ascii=False).encode("utf-8")
         self._writer.write(key, fields)
         return sum(len(payload) for payload in fields.values())
 
@@ -551,6 +552,7 @@ def prepare(input_dir: str, output_dir: str, *, output_format: str = "arrayrecor
         "record_format_version": FORMAT_VERSION if output_format == "arrayrecord" else None,
         "num_samples": written,
         "shards": [shard["name"] for shard in sink.shards],
+        # Tar: "txt" and json "caption" when a sample has one caption, json "captions" always.
         "caption_fields": (["captions"] if output_format == "arrayrecord"
                            else ["txt", "json:caption", "json:captions"]),
         "min_size": options.min_side,

@@ -11,6 +11,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
 from data_pipeline import prepare as prepare_module
+from data_pipeline.captions import caption_candidates, json_fields
 from data_pipeline.prepare import UsageError, prepare
 from data_pipeline.records import decode_record
 from data_pipeline.shards import iter_tar_samples
@@ -45,14 +46,23 @@ def _read_samples(output_dir: str, output_format: str) -> list[dict]:
             reader.close()
             for record in records:
                 sample = decode_record(record)
+                candidates, _ = caption_candidates(sample, json_fields("caption"))
                 meta = json.loads(sample.pop("json"))
+                assert candidates == meta["captions"]
                 samples.append({"key": sample.pop("__key__"),
                                 "captions": meta.pop("captions"), "meta": meta, **sample})
         else:
             for sample in iter_tar_samples(path):
-                meta = json.loads(sample.pop("json"))
-                assert sample.pop("txt").decode() == meta["caption"]
-                sample.pop("__url__")
+                meta = json.loads(sample["json"])
+                if len(meta["captions"]) == 1:
+                    assert sample["txt"].decode() == meta.pop("caption") == meta["captions"][0]
+                else:
+                    assert "txt" not in sample and "caption" not in meta
+                # What training will choose from, through the pipeline's own caption reader.
+                candidates, _ = caption_candidates(sample, json_fields("caption"))
+                assert candidates == meta["captions"]
+                for member in ("json", "txt", "__url__"):
+                    sample.pop(member, None)
                 samples.append({"key": sample.pop("__key__"),
                                 "captions": meta.pop("captions"), "meta": meta, **sample})
     return samples
