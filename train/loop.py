@@ -1,7 +1,7 @@
 """The training loop: data -> jitted step -> metrics, sample grids and Orbax checkpoints."""
 
 import concurrent.futures
-import math
+import contextlib
 import os
 import tempfile
 import time
@@ -32,9 +32,10 @@ from models.text_encoder import (
     uses_bpe_tokenizer,
 )
 from sample.denoise import denoise_fn_from_config, image_grid, image_keys, to_uint8
-from train import checkpoint
+from train import checkpoint, lock
 from train.config_check import validate_config
 from train.metrics import MetricWriter
+from train.preemption import PreemptionWatch
 from train.sharding import (
     batch_sharding,
     data_parallel_size,
@@ -42,14 +43,14 @@ from train.sharding import (
     replicated,
     tree_shardings,
 )
-from train.state import TrainState, make_optimizer
+from train.state import init_train_state, make_optimizer
 from train.step import make_train_step
 
 SYNTHETIC_DIR = "data"
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training diverged; the last good checkpoint is left untouched."""
+    """Training diverged (too many non-finite steps in a row); the last good checkpoint is kept."""
 
 
 def schedule_from_config(config: ml_collections.ConfigDict):
@@ -171,17 +172,106 @@ def _global_batch(local_batch: dict, sharding) -> dict:
     }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+@contextlib.contextmanager
+def _workdir_lock(workdir):
+    """Process 0 holds the workdir lock; every process learns whether it got it, so a refused
+    multi-host launch stops everywhere instead of hanging at the next barrier."""
+    error, path = None, None
+    if jax.process_index() == 0:
+        try:
+            path = lock.acquire(workdir)
+        except lock.WorkdirLockedError as refused:
+            error = refused
+    if jax.process_count() > 1:
+        taken = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not taken and error is None:
+            error = lock.WorkdirLockedError(
+                f"workdir {workdir} is in use by another run (process 0 could not lock it)")
+    if error is not None:
+        raise error
+    try:
+        yield path
+    finally:
+        if path is not None:
+            lock.release(path)
+
+
+def _peak_flops_per_device() -> tuple[float | None, str]:
+    """The device's peak for MFU: the accelerator table, else a short matmul measurement."""
+    try:
+        from train import mfu
+    except ImportError:
+        return None, "unavailable"
+    peak = mfu.peak_flops_per_device()
+    if peak is not None:
+        return peak, "table"
+    # A small matmul keeps the measurement to a fraction of a second on a loaded CPU.
+    return mfu.measured_matmul_peak(size=1024, repeats=5), "measured matmul"
+
+
+def _sharding_summary(abstract_state, state_shardings) -> dict:
+    """Leaves and per-device bytes of the state, split into sharded and replicated."""
+    sharded = replicated_leaves = 0
+    per_device = total = 0
+    for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract_state),
+                              jax.tree_util.tree_leaves(state_shardings), strict=True):
+        size = leaf.size * leaf.dtype.itemsize
+        shard_shape = sharding.shard_shape(leaf.shape)
+        shard = int(np.prod(shard_shape)) * leaf.dtype.itemsize
+        total += size
+        per_device += shard
+        if shard < size:
+            sharded += 1
+        else:
+            replicated_leaves += 1
+    return {"state_leaves_sharded": sharded, "state_leaves_replicated": replicated_leaves,
+            "state_bytes_total": total, "state_bytes_per_device": per_device}
+
+
+def format_plan(plan: dict) -> str:
+    """The --dry_run plan as lines for the console."""
+    mib = 1 << 20
+    lines = [
+        f"mesh: {plan['mesh']} ({plan['num_devices']} devices, {plan['num_processes']} "
+        f"processes, {plan['backend']})",
+        f"batch: global {plan['global_batch_size']}, per process {plan['batch_per_process']}, "
+        f"per device {plan['batch_per_device']}",
+        f"UNet parameters: {plan['num_params'] / 1e6:.2f}M",
+        f"state: {plan['state_bytes_total'] / mib:.1f} MiB total, "
+        f"{plan['state_bytes_per_device'] / mib:.1f} MiB per device "
+        f"({plan['state_leaves_sharded']} arrays sharded, "
+        f"{plan['state_leaves_replicated']} replicated)",
+    ]
+    if "memory_bytes_per_device" in plan:
+        lines.append(f"compiled step memory per device: "
+                     f"{plan['memory_bytes_per_device'] / mib:.1f} MiB")
+    if "flops_per_step_per_device" in plan:
+        lines.append(f"FLOPs per step per device: {plan['flops_per_step_per_device']:.4g}")
+    lines.append(f"first batch: images {plan['first_batch']['images']}, input_ids "
+                 f"{plan['first_batch']['input_ids']} (this process)")
+    lines.append(f"checkpoints: {plan['checkpoint_dir']} (latest step: {plan['latest_step']})")
+    return "\n".join(lines)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       dry_run: bool = False) -> dict:
     """Train until config.train.num_train_steps, resuming from the latest checkpoint in workdir.
 
-    Returns a summary: final step, last loss, images/s, data-pipeline counters.
+    Returns a summary: final step, last loss, images/s, data-pipeline counters; `preempted` when
+    a SIGTERM (preemption notice) stopped it after saving. With `dry_run`: validate the config,
+    mesh and data, compile, and return the plan without training or writing checkpoints.
     """
     validate_config(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    train_cfg = config.train
-    is_main = jax.process_index() == 0
+    workdir = checkpoint.workdir_path(workdir)
+    if dry_run:
+        return _run(config, workdir, dry_run=True, preemption=None)
+    # SIGTERM is watched from the start: a notice during start-up saves after the first step.
+    with _workdir_lock(workdir), PreemptionWatch() as preemption:
+        return _run(config, workdir, dry_run=False, preemption=preemption)
 
+
+def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemption) -> dict:
+    train_cfg = config.train
     mesh = make_mesh(config.mesh.shape)
     batch_axes = tuple(config.mesh.batch_axes)
     dp_size = data_parallel_size(mesh, batch_axes)
@@ -191,12 +281,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"config.train.global_batch_size={global_batch} must be divisible by the data-parallel "
             f"size {dp_size} and the process count {jax.process_count()}"
         )
-    checkpoint.save_config(workdir, config)
-    shards = resolve_shards(config, workdir)
-    prepare_tokenizer(config, workdir, shards)
+    # A relaunch with another model stops here, before anything in the workdir changes.
+    latest = checkpoint.latest_step(workdir)
+    if latest is not None:
+        checkpoint.check_compatible(workdir, latest, config, abstract_unet(config.model)[1])
+    _prepare_inputs(config, workdir)
+    if not dry_run:
+        checkpoint.save_config(workdir, config)
 
     schedule = schedule_from_config(config)
-    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model, workdir)
+    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model, str(workdir))
     replicated_sharding = replicated(mesh)
     text_params = jax.device_put(text_params, replicated_sharding)
     empty_ids = jnp.asarray(tokenizer([""])[0])
@@ -208,18 +302,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def init_state(rng):
         unet = build_unet(config.model, nnx.Rngs(params=jax.random.fold_in(rng, 1)))
         _, params = nnx.split(unet)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=optimizer.init(params),
-            ema_params=params,
-            rng=jax.random.fold_in(rng, 2),
-        )
+        return init_train_state(params, optimizer, jax.random.fold_in(rng, 2))
 
     abstract_state = jax.eval_shape(init_state, base_rng)
-    state_shardings = tree_shardings(mesh, abstract_state)
-    manager = checkpoint.make_manager(workdir, keep=train_cfg.keep_checkpoints)
-    latest = manager.latest_step()
+    state_shardings = tree_shardings(mesh, abstract_state, config.mesh.rules)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract_state.params))
     logging.info("UNet parameters: %.2fM", num_params / 1e6)
 
@@ -231,8 +317,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         schedule=schedule,
         optimizer=optimizer,
         learning_rate_fn=learning_rate_fn,
-        config=config,
+        diffusion=config.diffusion,
+        caption_dropout_prob=train_cfg.caption_dropout_prob,
+        ema_decay=config.optim.ema_decay,
         empty_input_ids=empty_ids,
+        grad_accum_steps=train_cfg.grad_accum_steps,
     )
     image_size = config.data.image_size
     abstract_batch = {
@@ -253,9 +342,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # compiles the parameter initialisation at the same time, in a second thread: XLA compiles
     # each program on one core, and the random initialisers take about as long as the step.
     compile_start = time.time()
+    fresh = latest is None and not dry_run
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile") as pool:
         init_future = None
-        if latest is None:
+        if fresh:
             # Parameters are created directly in their shardings, never whole on one device.
             init_lowered = jax.jit(init_state, out_shardings=state_shardings).lower(base_rng)
             init_future = pool.submit(init_lowered.compile)
@@ -264,88 +354,187 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if init_future is not None:
             state = init_future.result()(base_rng)
     logging.info("compile took %.1fs", time.time() - compile_start)
+
+    batch_per_process = global_batch // jax.process_count()
+    data_iter = _open_data(config, workdir, tokenizer, batch_per_process)
+    if dry_run:
+        with data_iter:
+            first = next(data_iter)
+        return {
+            "mesh": dict(mesh.shape), "num_devices": mesh.size,
+            "num_processes": jax.process_count(), "backend": jax.default_backend(),
+            "global_batch_size": global_batch, "batch_per_process": batch_per_process,
+            "batch_per_device": global_batch // dp_size, "num_params": int(num_params),
+            **_sharding_summary(abstract_state, state_shardings), **cost,
+            "first_batch": {k: tuple(np.shape(first[k])) for k in ("images", "input_ids")},
+            "checkpoint_dir": str(checkpoint.checkpoint_dir(workdir)), "latest_step": latest,
+        }
+
+    manager = checkpoint.make_manager(
+        workdir, keep=train_cfg.keep_checkpoints, keep_period=train_cfg.get("keep_period", 0))
     if latest is not None:
         state, _ = checkpoint.restore_state(manager, latest, abstract_state, state_shardings)
+        if _has_position(data_iter) and not checkpoint.restore_data_iter(
+                manager, latest, data_iter):
+            logging.warning("checkpoint %d has no data-iterator position: the data order "
+                            "restarts from the beginning", latest)
         logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), latest)
     start_step = int(jax.device_get(state.step))
+    try:
+        return _train_loop(
+            config, workdir, state=state, compiled_step=compiled_step, text_params=text_params,
+            data_iter=data_iter, data_sharding=data_sharding, manager=manager,
+            start_step=start_step, last_saved=latest, cost=cost, preemption=preemption,
+            sample_grid=_make_sample_grid_fn(
+                config, unet_graphdef, schedule, tokenizer, encode_text, text_params),
+        )
+    finally:
+        manager.wait_until_finished()
+        manager.close()
 
-    writer = MetricWriter(workdir, enabled=is_main)
-    sample_grid = _make_sample_grid_fn(
-        config, unet_graphdef, schedule, tokenizer, encode_text, text_params
+
+def _train_loop(config, workdir, *, state, compiled_step, text_params, data_iter, data_sharding,
+                manager, start_step, last_saved, cost, preemption, sample_grid) -> dict:
+    train_cfg = config.train
+    is_main = jax.process_index() == 0
+    global_batch = train_cfg.global_batch_size
+    num_steps = train_cfg.num_train_steps
+    max_in_a_row = train_cfg.get("max_consecutive_nonfinite", 0)
+    flops = cost.get("flops_per_step_per_device")
+    peak, peak_source = _peak_flops_per_device() if flops else (None, "")
+    if peak:
+        logging.info("MFU against %.4g FLOP/s per device (%s)", peak, peak_source)
+
+    writer = MetricWriter(str(workdir), enabled=is_main)
+    summary = {"start_step": start_step, "step": start_step, "preempted": False, **cost}
+    progress = tqdm(
+        total=num_steps, initial=start_step, disable=not is_main, desc="train", unit="step",
+        dynamic_ncols=True,
     )
-    data_iter = make_train_iterator(
-        shards,
-        batch_size=global_batch // jax.process_count(),
-        image_size=image_size,
+    window_start, window_steps = time.time(), 0
+    previous_metrics = None
+
+    def stop_if_diverged(metrics, done):
+        # nonfinite_in_a_row is read one step late, so the host never waits for the step it
+        # just dispatched; the skipped updates left the state as it was.
+        in_a_row = int(jax.device_get(metrics["nonfinite_in_a_row"]))
+        if max_in_a_row and in_a_row >= max_in_a_row:
+            kept = (f"step {last_saved} in {checkpoint.checkpoint_dir(workdir)} is kept"
+                    if last_saved is not None else "no checkpoint was written")
+            raise NonFiniteLossError(
+                f"{in_a_row} non-finite steps in a row (steps {done - in_a_row + 1}-{done}, "
+                f"config.train.max_consecutive_nonfinite={max_in_a_row}): stopping at step "
+                f"{done}; the last good checkpoint, {kept}. Lower config.optim.learning_rate?")
+
+    def save(done, *, force=False):
+        nonlocal last_saved
+        try:
+            checkpoint.save(manager, state, config=config,
+                            data_iter=data_iter if _has_position(data_iter) else None,
+                            data_counters=_counters(data_iter), force=force)
+        except checkpoint.NonFiniteParametersError as error:
+            raise NonFiniteLossError(
+                f"{error} (step {done}); the last good checkpoint (step {last_saved}) is kept"
+            ) from error
+        last_saved = done
+        writer.flush()
+
+    try:
+        with data_iter:
+            for step in range(start_step, num_steps):
+                batch = _global_batch(next(data_iter), data_sharding)
+                state, metrics = compiled_step(state, text_params, batch)
+                done = step + 1
+                window_steps += 1
+                progress.update(1)
+                if previous_metrics is not None:
+                    stop_if_diverged(previous_metrics, done - 1)
+                previous_metrics = metrics
+                if done % train_cfg.log_every_steps == 0 or done == num_steps:
+                    metrics = jax.device_get(metrics)
+                    elapsed = time.time() - window_start
+                    step_seconds = elapsed / max(window_steps, 1)
+                    images_per_sec = global_batch / max(step_seconds, 1e-9)
+                    window_start, window_steps = time.time(), 0
+                    scalars = {
+                        "train/loss": metrics["loss"],
+                        "train/learning_rate": metrics["learning_rate"],
+                        "train/grad_norm": metrics["grad_norm"],
+                        "train/skipped_nonfinite": metrics["skipped_nonfinite"],
+                        "train/step_seconds": step_seconds,
+                        "train/images_per_sec": images_per_sec,
+                    }
+                    if flops:
+                        scalars["train/tflops_per_device"] = flops / step_seconds / 1e12
+                    if peak:
+                        scalars["train/mfu"] = flops / step_seconds / peak
+                    scalars.update({f"data/{k}": v for k, v in _counters(data_iter).items()})
+                    writer.scalars(done, scalars)
+                    progress.set_postfix(
+                        loss=f"{float(metrics['loss']):.4f}", img_s=f"{images_per_sec:.0f}"
+                    )
+                    summary.update(
+                        step=done, loss=float(metrics["loss"]), images_per_sec=images_per_sec,
+                        step_seconds=step_seconds, skipped_nonfinite=int(
+                            metrics["skipped_nonfinite"]),
+                    )
+                    if "train/mfu" in scalars:
+                        summary["mfu"] = float(scalars["train/mfu"])
+                if train_cfg.sample_every_steps and (
+                    done % train_cfg.sample_every_steps == 0 or done == num_steps
+                ):
+                    writer.image(done, "samples/ema", sample_grid(state.ema_params))
+                saved_now = False
+                if done % train_cfg.checkpoint_every_steps == 0 or done == num_steps:
+                    stop_if_diverged(metrics, done)
+                    save(done)
+                    saved_now = True
+                # Every host asks at every step; all of them see True at the same step.
+                if preemption.reached(done):
+                    if not saved_now:
+                        stop_if_diverged(metrics, done)
+                        save(done, force=True)
+                    logging.warning("preemption notice: saved step %d in %s; exiting", done,
+                                    checkpoint.checkpoint_dir(workdir))
+                    summary.update(step=done, preempted=True)
+                    break
+    finally:
+        progress.close()
+        writer.close()
+    summary["step"] = int(jax.device_get(state.step))
+    summary["data"] = _counters(data_iter)
+    return summary
+
+
+def _prepare_inputs(config, workdir) -> None:
+    """What the data source needs on disk before its iterator starts (process 0, then a barrier)."""
+    shards = resolve_shards(config, str(workdir))
+    prepare_tokenizer(config, str(workdir), shards)
+
+
+def _open_data(config, workdir, tokenizer, batch_per_process: int):
+    return make_train_iterator(
+        expand_shards(config.data.shards) if config.data.source == "tar"
+        else expand_shards(os.path.join(str(workdir), SYNTHETIC_DIR)),
+        batch_size=batch_per_process,
+        image_size=config.data.image_size,
         tokenizer=tokenizer,
-        # A resumed run draws a fresh, still deterministic, data order.
-        seed=config.seed * 1_000_003 + start_step,
+        seed=config.seed,
         shuffle_buffer=config.data.shuffle_buffer,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         prefetch=config.data.prefetch,
     )
 
-    num_steps = train_cfg.num_train_steps
-    summary = {"start_step": start_step, "step": start_step, **cost}
-    progress = tqdm(
-        total=num_steps, initial=start_step, disable=not is_main, desc="train", unit="step",
-        dynamic_ncols=True,
-    )
-    window_start, window_images = time.time(), 0
-    last_saved = start_step if latest is not None else None
-    try:
-        with data_iter:
-            for step in range(start_step, num_steps):
-                batch = _global_batch(next(data_iter), data_sharding)
-                state, metrics = compiled_step(state, text_params, batch)
-                window_images += global_batch
-                done = step + 1
-                progress.update(1)
-                if done % train_cfg.log_every_steps == 0 or done == num_steps:
-                    metrics = jax.device_get(metrics)
-                    if not math.isfinite(float(metrics["loss"])):
-                        raise NonFiniteLossError(
-                            f"loss is {metrics['loss']} at step {done}; the last checkpoint "
-                            f"(step {last_saved}) is kept. Lower config.optim.learning_rate?"
-                        )
-                    elapsed = time.time() - window_start
-                    images_per_sec = window_images / max(elapsed, 1e-9)
-                    window_start, window_images = time.time(), 0
-                    scalars = {
-                        "train/loss": metrics["loss"],
-                        "train/learning_rate": metrics["learning_rate"],
-                        "train/grad_norm": metrics["grad_norm"],
-                        "train/images_per_sec": images_per_sec,
-                    }
-                    scalars.update(
-                        {f"data/{k}": v for k, v in data_iter.stats.as_dict().items()}
-                    )
-                    writer.scalars(done, scalars)
-                    progress.set_postfix(
-                        loss=f"{float(metrics['loss']):.4f}", img_s=f"{images_per_sec:.0f}"
-                    )
-                    summary.update(
-                        step=done, loss=float(metrics["loss"]), images_per_sec=images_per_sec
-                    )
-                if train_cfg.sample_every_steps and (
-                    done % train_cfg.sample_every_steps == 0 or done == num_steps
-                ):
-                    writer.image(done, "samples/ema", sample_grid(state.ema_params))
-                if done % train_cfg.checkpoint_every_steps == 0 or done == num_steps:
-                    checkpoint.save(
-                        manager, state, config=config, data_state=data_iter.stats.as_dict()
-                    )
-                    last_saved = done
-                    writer.flush()
-    finally:
-        progress.close()
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-    summary["step"] = int(jax.device_get(state.step))
-    summary["data"] = data_iter.stats.as_dict()
-    return summary
+
+def _has_position(data_iter) -> bool:
+    return hasattr(data_iter, "get_state")
+
+
+def _counters(data_iter) -> dict:
+    if hasattr(data_iter, "counters"):
+        return dict(data_iter.counters())
+    return data_iter.stats.as_dict()
 
 
 def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, encode_text, text_params):
