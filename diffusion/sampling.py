@@ -1,0 +1,342 @@
+"""The denoising loop: one solver interface, one registry of solver names.
+
+A `Solver` is a static grid (numpy arrays fixed before tracing), an `init` that turns standard
+normal noise into the first state, and a `step` that receives the model function, advances the
+state by one grid step and carries the solver's history (previous prediction, ...). `run_solver`
+drives any of them with one `lax.fori_loop`, so a loop of N steps compiles the model once (twice
+for Heun, whose last step is an Euler step).
+
+The model function is `model_fn(x, t) -> output` in the training parameterization: `x` is the
+variance-preserving sample the network was trained on, `t` a float32 scalar timestep (fractional
+for the sigma-based solvers, as in diffusers), `output` eps / v / x0 per `prediction_type`.
+
+The sigma-based solvers (Euler, Euler ancestral, Heun) keep their state in the variance-exploding
+form x_ve = x_vp * sqrt(1 + sigma^2) (Karras et al. 2022), as diffusers' schedulers do;
+DPM-Solver++ keeps the variance-preserving form. Every solver starts from noise of variance
+1 + sigma_0^2 in x_ve terms (unit variance in the network's terms); diffusers' Euler/Heun with
+"trailing" or "linspace" spacing start from sigma_0 instead, which differs by a factor
+sqrt(1 + 1 / sigma_0^2) (< 1e-4 on the shipped schedules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion.parameterization import check_prediction_type
+from diffusion.schedules import NoiseSchedule
+from diffusion.solvers import ddim_step, ddpm_step, previous_timesteps, sampling_timesteps
+
+# The sigma-based solvers need a finite sigma at the last timestep; a zero-terminal-SNR
+# schedule has alphas_cumprod[-1] = 0 there, which diffusers replaces by 2**-24 (sigma 4096).
+_MIN_ALPHA_CUMPROD = 2.0**-24
+_KARRAS_RHO = 7.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Solver:
+    """A solver bound to its static grid.
+
+    init(noise) -> (x, history); step(model_fn, x, i, history, noise_fn) -> (x, history), where
+    i is the (traced) step index and noise_fn() draws standard-normal noise shaped like x for
+    this step (only stochastic solvers call it).
+    """
+
+    name: str
+    num_steps: int
+    model_evals: int
+    timesteps: np.ndarray  # float32 [num_steps]: the timestep of the first model call per step
+    init: Callable
+    step: Callable
+    stochastic: bool
+
+
+def run_solver(solver: Solver, model_fn, noise, noise_fn=None):
+    """The whole loop: noise (standard normal) -> clean sample.
+
+    noise_fn(i) gives the noise of step i (called only by stochastic solvers); None is allowed
+    for deterministic ones.
+    """
+    if solver.stochastic and noise_fn is None:
+        raise ValueError(f"solver {solver.name!r} is stochastic and needs a noise_fn")
+    x, history = solver.init(noise)
+
+    def body(i, carry):
+        x, history = carry
+        return solver.step(model_fn, x, i, history, lambda: noise_fn(i))
+
+    x, _ = jax.lax.fori_loop(0, solver.num_steps, body, (x, history))
+    return x
+
+
+def _x0_from_output(prediction_type, output, x_vp, alpha, sigma_vp):
+    output = jnp.asarray(output, jnp.float32)
+    if prediction_type == "epsilon":
+        return (x_vp - sigma_vp * output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x_vp - sigma_vp * output
+    return output
+
+
+def _vp_scales(sigma):
+    alpha = 1.0 / jnp.sqrt(1.0 + sigma * sigma)
+    return alpha, sigma * alpha
+
+
+def _denoise_ve(model_fn, prediction_type, x_ve, sigma, t):
+    """x0 predicted at the variance-exploding state x_ve of noise level sigma."""
+    alpha, sigma_vp = _vp_scales(sigma)
+    x_vp = x_ve * alpha
+    return _x0_from_output(prediction_type, model_fn(x_vp, t), x_vp, alpha, sigma_vp)
+
+
+def _check_steps(num_steps, num_train_timesteps):
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer):
+        raise ValueError(f"steps must be an int, got {num_steps!r}")
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(
+            f"steps must be in [1, num_train_timesteps={num_train_timesteps}], got {num_steps}"
+        )
+
+
+def _train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
+    alphas_cumprod = np.asarray(schedule.alphas_cumprod, np.float64)
+    alphas_cumprod = np.maximum(alphas_cumprod, _MIN_ALPHA_CUMPROD)
+    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """Karras et al. 2022 eq. 5 (rho = 7): dense near sigma_min, descending."""
+    ramp = np.linspace(0.0, 1.0, num_steps)
+    max_inv, min_inv = sigma_max ** (1 / _KARRAS_RHO), sigma_min ** (1 / _KARRAS_RHO)
+    return (max_inv + ramp * (min_inv - max_inv)) ** _KARRAS_RHO
+
+
+def sigma_to_timestep(sigmas, train_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timesteps whose sigma is `sigmas`, by interpolating log sigma."""
+    log_sigma = np.log(np.maximum(np.asarray(sigmas, np.float64), 1e-10))
+    return np.interp(log_sigma, np.log(train_sigmas), np.arange(len(train_sigmas), dtype=float))
+
+
+def _float_timesteps(num_train_timesteps, num_steps, spacing, steps_offset):
+    """The Euler / Heun grid: like sampling_timesteps, but "linspace" keeps fractional values."""
+    if spacing == "linspace":
+        return np.linspace(0, num_train_timesteps - 1, num_steps)[::-1].astype(np.float64)
+    return sampling_timesteps(
+        num_train_timesteps, num_steps, spacing, steps_offset=steps_offset
+    ).astype(np.float64)
+
+
+def sigma_grid(schedule, num_steps, spacing, *, karras, steps_offset=0):
+    """(timesteps [N], sigmas [N + 1]) of Euler / Euler ancestral / Heun, as diffusers lays
+    them out: sigma interpolated at the spacing's timesteps, optionally respaced with Karras'
+    rule between that grid's ends, and a final sigma of 0."""
+    train_sigmas = _train_sigmas(schedule)
+    timesteps = _float_timesteps(len(train_sigmas), num_steps, spacing, steps_offset)
+    sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+    if karras:
+        sigmas = karras_sigmas(sigmas[-1], sigmas[0], num_steps)
+        timesteps = sigma_to_timestep(sigmas, train_sigmas)
+    return timesteps, np.append(sigmas, 0.0)
+
+
+def dpm_grid(schedule, num_steps, spacing, *, karras, steps_offset=0):
+    """(timesteps [N], sigmas [N + 1]) of diffusers' DPMSolverMultistepScheduler: integer
+    timesteps from N + 1 grid points with the last dropped ("leading", "linspace"), Karras
+    sigmas over the whole training range, a final sigma of 0."""
+    train_sigmas = _train_sigmas(schedule)
+    count = len(train_sigmas)
+    if karras:
+        sigmas = karras_sigmas(train_sigmas[0], train_sigmas[-1], num_steps)
+        timesteps = np.round(sigma_to_timestep(sigmas, train_sigmas))
+        return timesteps, np.append(sigmas, 0.0)
+    if spacing == "linspace":
+        timesteps = np.linspace(0, count - 1, num_steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        step_ratio = count // (num_steps + 1)
+        timesteps = (np.arange(num_steps + 1) * step_ratio)[::-1][:-1] + steps_offset
+    else:
+        timesteps = sampling_timesteps(count, num_steps, "trailing").astype(np.float64)
+    timesteps = np.asarray(timesteps, np.float64)
+    sigmas = train_sigmas[timesteps.astype(np.int64)]
+    return timesteps, np.append(sigmas, 0.0)
+
+
+def _make_ddim(schedule, prediction_type, num_steps, spacing, *, eta, steps_offset, **_):
+    count = schedule.num_train_timesteps
+    timesteps = sampling_timesteps(count, num_steps, spacing, steps_offset=steps_offset)
+    # diffusers' DDIMScheduler steps back by the fixed stride T // N whatever the spacing; for
+    # "trailing" that lands one timestep beside the next grid entry (e.g. 999 -> 933, then
+    # 932 is evaluated). We follow it so trajectories match diffusers'.
+    prev = previous_timesteps(timesteps, stride=count // num_steps)
+    t_arr, prev_arr = jnp.asarray(timesteps), jnp.asarray(prev)
+
+    def step(model_fn, x, i, history, noise_fn):
+        t, t_prev = t_arr[i], prev_arr[i]
+        output = model_fn(x, t.astype(jnp.float32))
+        noise = noise_fn() if eta else None
+        return ddim_step(schedule, prediction_type, output, x, t, t_prev, eta=eta,
+                         noise=noise), history
+
+    return Solver("ddim", num_steps, num_steps, timesteps.astype(np.float32),
+                  lambda noise: (noise, ()), step, stochastic=bool(eta))
+
+
+def _make_ddpm(schedule, prediction_type, num_steps, spacing, *, steps_offset, **_):
+    timesteps = sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing,
+                                   steps_offset=steps_offset)
+    t_arr, prev_arr = jnp.asarray(timesteps), jnp.asarray(previous_timesteps(timesteps))
+
+    def step(model_fn, x, i, history, noise_fn):
+        t, t_prev = t_arr[i], prev_arr[i]
+        output = model_fn(x, t.astype(jnp.float32))
+        return ddpm_step(schedule, prediction_type, output, x, t, t_prev,
+                         noise=noise_fn()), history
+
+    return Solver("ddpm", num_steps, num_steps, timesteps.astype(np.float32),
+                  lambda noise: (noise, ()), step, stochastic=True)
+
+
+def _ve_init(sigma0):
+    scale = float(np.sqrt(1.0 + sigma0 * sigma0))
+    return lambda noise: (noise * scale, ())
+
+
+def _make_euler(schedule, prediction_type, num_steps, spacing, *, karras, steps_offset, **_):
+    timesteps, sigmas = sigma_grid(schedule, num_steps, spacing, karras=karras,
+                                   steps_offset=steps_offset)
+    t_arr = jnp.asarray(timesteps, jnp.float32)
+    s_arr = jnp.asarray(sigmas, jnp.float32)
+
+    def step(model_fn, x, i, history, noise_fn):
+        sigma, sigma_next = s_arr[i], s_arr[i + 1]
+        x0 = _denoise_ve(model_fn, prediction_type, x, sigma, t_arr[i])
+        derivative = (x - x0) / sigma
+        return x + derivative * (sigma_next - sigma), history
+
+    return Solver("euler", num_steps, num_steps, timesteps.astype(np.float32),
+                  _ve_init(sigmas[0]), step, stochastic=False)
+
+
+def _make_euler_ancestral(schedule, prediction_type, num_steps, spacing, *, karras,
+                          steps_offset, **_):
+    timesteps, sigmas = sigma_grid(schedule, num_steps, spacing, karras=karras,
+                                   steps_offset=steps_offset)
+    sigma_from, sigma_to = sigmas[:-1], sigmas[1:]
+    # Split the step to sigma_to into a deterministic part down to sigma_down and fresh noise
+    # of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_to^2.
+    sigma_up = np.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2)
+    sigma_down = np.sqrt(sigma_to**2 - sigma_up**2)
+    t_arr = jnp.asarray(timesteps, jnp.float32)
+    s_arr, up_arr, down_arr = (jnp.asarray(a, jnp.float32) for a in (sigmas, sigma_up, sigma_down))
+
+    def step(model_fn, x, i, history, noise_fn):
+        sigma = s_arr[i]
+        x0 = _denoise_ve(model_fn, prediction_type, x, sigma, t_arr[i])
+        derivative = (x - x0) / sigma
+        x = x + derivative * (down_arr[i] - sigma)
+        return x + noise_fn() * up_arr[i], history
+
+    return Solver("euler_ancestral", num_steps, num_steps, timesteps.astype(np.float32),
+                  _ve_init(sigmas[0]), step, stochastic=True)
+
+
+def _make_heun(schedule, prediction_type, num_steps, spacing, *, karras, steps_offset, **_):
+    timesteps, sigmas = sigma_grid(schedule, num_steps, spacing, karras=karras,
+                                   steps_offset=steps_offset)
+    t_arr = jnp.asarray(np.append(timesteps, 0.0), jnp.float32)
+    s_arr = jnp.asarray(sigmas, jnp.float32)
+
+    def step(model_fn, x, i, history, noise_fn):
+        sigma, sigma_next = s_arr[i], s_arr[i + 1]
+        x0 = _denoise_ve(model_fn, prediction_type, x, sigma, t_arr[i])
+        derivative = (x - x0) / sigma
+        dt = sigma_next - sigma
+        euler = x + derivative * dt
+
+        def corrected(_):
+            # Heun's correction: average the slopes at both ends (EDM Algorithm 1).
+            x0_next = _denoise_ve(model_fn, prediction_type, euler, sigma_next, t_arr[i + 1])
+            derivative_next = (euler - x0_next) / sigma_next
+            return x + 0.5 * (derivative + derivative_next) * dt
+
+        # The last step ends at sigma 0, where the slope is undefined: it stays an Euler step.
+        return jax.lax.cond(sigma_next > 0, corrected, lambda _: euler, None), history
+
+    return Solver("heun", num_steps, 2 * num_steps - 1, timesteps.astype(np.float32),
+                  _ve_init(sigmas[0]), step, stochastic=False)
+
+
+def _make_dpmpp_2m(schedule, prediction_type, num_steps, spacing, *, karras, steps_offset,
+                   **_):
+    timesteps, sigmas = dpm_grid(schedule, num_steps, spacing, karras=karras,
+                                 steps_offset=steps_offset)
+    alphas = 1.0 / np.sqrt(1.0 + sigmas**2)
+    sigmas_vp = sigmas * alphas
+    with np.errstate(divide="ignore"):
+        lambdas = np.log(alphas) - np.log(sigmas_vp)  # +inf at the final sigma 0
+    h = lambdas[1:] - lambdas[:-1]
+    # x_{i+1} = a_i x_i + b_i D_i + c_i (D_i - D_{i-1}) (Lu et al. 2022b, DPM-Solver++(2M),
+    # midpoint form as diffusers); the first and the last step are first order (c = 0), the
+    # last because it ends at sigma 0 (diffusers' final_sigmas_type="zero").
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = np.where(sigmas_vp[1:] > 0, sigmas_vp[1:] / sigmas_vp[:-1], 0.0)
+        b = -alphas[1:] * np.expm1(-h)
+        r = np.ones_like(h)
+        r[1:] = (lambdas[1:-1] - lambdas[:-2]) / h[1:]
+        c = 0.5 * b / r
+    c[0] = 0.0
+    c[-1] = 0.0
+    t_arr = jnp.asarray(timesteps, jnp.float32)
+    a_arr, b_arr, c_arr = (jnp.asarray(v, jnp.float32) for v in (a, b, c))
+    alpha_arr, sig_arr = jnp.asarray(alphas, jnp.float32), jnp.asarray(sigmas_vp, jnp.float32)
+
+    def step(model_fn, x, i, previous_x0, noise_fn):
+        x0 = _x0_from_output(prediction_type, model_fn(x, t_arr[i]), x, alpha_arr[i], sig_arr[i])
+        x = a_arr[i] * x + b_arr[i] * x0 + c_arr[i] * (x0 - previous_x0)
+        return x, x0
+
+    return Solver("dpmpp_2m", num_steps, num_steps, timesteps.astype(np.float32),
+                  lambda noise: (noise, jnp.zeros_like(noise)), step, stochastic=False)
+
+
+# The one list of solver names: the config check, the CLI and the loop all read it.
+SOLVERS = {
+    "ddpm": _make_ddpm,
+    "ddim": _make_ddim,
+    "dpmpp_2m": _make_dpmpp_2m,
+    "euler": _make_euler,
+    "euler_ancestral": _make_euler_ancestral,
+    "heun": _make_heun,
+}
+SOLVER_NAMES = tuple(SOLVERS)
+# Solvers that take a Karras sigma schedule (DDPM / DDIM step on the training timesteps).
+KARRAS_SOLVERS = ("dpmpp_2m", "euler", "euler_ancestral", "heun")
+
+
+def make_solver(
+    name: str,
+    schedule: NoiseSchedule,
+    prediction_type: str,
+    num_steps: int,
+    *,
+    timestep_spacing: str = "trailing",
+    karras_sigmas: bool = False,
+    eta: float = 0.0,
+    steps_offset: int = 0,
+) -> Solver:
+    """The named solver over `num_steps` steps of `schedule`."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of {SOLVER_NAMES}")
+    check_prediction_type(prediction_type)
+    _check_steps(num_steps, schedule.num_train_timesteps)
+    if karras_sigmas and name not in KARRAS_SOLVERS:
+        raise ValueError(f"karras_sigmas applies to {KARRAS_SOLVERS}, not to {name!r}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    return SOLVERS[name](schedule, prediction_type, int(num_steps), timestep_spacing,
+                         karras=karras_sigmas, eta=float(eta), steps_offset=steps_offset)
