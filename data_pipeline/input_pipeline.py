@@ -31,7 +31,12 @@ import grain
 import numpy as np
 
 from data_pipeline import sources
-from data_pipeline.captions import EMPTY_CAPTION_POLICIES, choose_caption, json_fields
+from data_pipeline.captions import (
+    BAD_CAPTION,
+    EMPTY_CAPTION_POLICIES,
+    choose_caption,
+    json_fields,
+)
 from data_pipeline.images import IMAGE_EXTENSIONS, decode_image
 
 logger = logging.getLogger(__name__)
@@ -88,7 +93,7 @@ class Decoder:
     worker processes can run it)."""
 
     def __init__(self, *, image_size: int, caption_json_field: str, empty_captions: str,
-                 seed: int):
+                 seed: int, random_crop: bool = False, flip: bool = False):
         if empty_captions not in EMPTY_CAPTION_POLICIES:
             raise ValueError(f"data.empty_captions={empty_captions!r} must be one of "
                              f"{EMPTY_CAPTION_POLICIES}")
@@ -96,6 +101,7 @@ class Decoder:
         self.json_fields = json_fields(caption_json_field)
         self.empty_captions = empty_captions
         self.seed = seed
+        self.random_crop, self.flip = random_crop, flip
 
     def __call__(self, element: dict) -> dict:
         sample = element["sample"]
@@ -104,12 +110,13 @@ class Decoder:
         if "__skip__" in sample:
             out["skip"] = sample["__skip__"]
             return out
-        # The caption draw depends on the example and its epoch only, so it is the same on a
-        # rerun, after a resume and whatever the process count.
+        # Caption, crop and flip draws depend on the example and its epoch only, so they are the
+        # same on a rerun, after a resume and whatever the process count.
         rng = np.random.default_rng((self.seed, zlib.crc32(out["key"].encode()), out["epoch"]))
         text, reason = choose_caption(sample, self.json_fields, rng)
         if text is None:
-            if self.empty_captions == "drop":
+            # Undecodable caption bytes are damage, not a missing caption: always skipped.
+            if self.empty_captions == "drop" or reason == BAD_CAPTION:
                 out["skip"] = reason
                 return out
             text, out["note"] = "", f"unconditional_{reason}"
@@ -117,13 +124,11 @@ class Decoder:
         if data is None:
             out["skip"] = "no_image"
             return out
-        if len(data) == 0:
-            out["skip"] = "empty_image_file"
-            return out
         try:
-            out["image"] = decode_image(data, self.image_size)
-        except Exception as error:  # PIL raises many types for bad bytes; all mean "skip"
-            out["skip"] = getattr(error, "reason", None) or "undecodable_image"
+            out["image"] = decode_image(data, self.image_size, random_crop=self.random_crop,
+                                        flip=self.flip, rng=rng)
+        except Exception as error:  # ImageRejected names its reason; anything else is damage
+            out["skip"] = getattr(error, "reason", None) or "decode"
             return out
         out["caption"] = text
         return out
@@ -388,6 +393,8 @@ def make_train_iterator(data_config, *, workdir: str, tokenizer, batch_size: int
         caption_json_field=data_config.get("caption_json_field", "caption"),
         empty_captions=data_config.get("empty_captions", "drop"),
         seed=seed,
+        random_crop=data_config.get("random_crop", False),
+        flip=data_config.get("random_flip", False),
     )
     tokenizer = _tokenizer_copy(tokenizer)
     num_workers = max(int(data_config.get("num_workers", 1)), 1)
