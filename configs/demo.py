@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
     # from early on (convolutions alone learn absolute position slowly, from the padding).
     unet.coordinate_channels = True
     unet.patch_size = 2
+    # Recompute each resnet / transformer block's activations in the backward pass instead of
+    # storing them (less memory, about a third more compute).
+    unet.remat = False
     model.text_encoder = text = ml_collections.ConfigDict()
     # "demo": a small CLIP-style transformer from a fixed seed with the tokenizer below (no
     # download).
@@ -111,7 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
     # attends to them); the end token sits right after the position words and weighs colour,
     # shape and position more evenly (measured on the demo captions).
     text.pooling = "eos"
-    # Compute dtype of both networks ("float32" or "bfloat16"); parameters stay float32.
+    # Compute dtype of the UNet and the text encoder ("float32" or "bfloat16"); parameters,
+    # gradients and optimizer state stay float32.
     model.dtype = "float32"
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -120,6 +124,9 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.beta_start = 0.00085
     diffusion.beta_end = 0.012
     diffusion.prediction_type = "v_prediction"
+    # Lin et al. 2023: rescale the schedule so the last timestep is pure noise (SNR 0), which
+    # is what sampling starts from; pair it with v_prediction and "trailing" spacing.
+    diffusion.rescale_zero_terminal_snr = False
     # Plain v-prediction MSE ("none"), not Min-SNR: Min-SNR scales the v-loss by
     # min(snr, gamma) / (snr + 1), close to zero at the high noise levels where the layout (the
     # shape's position) is decided. Measured at 2000 steps x 64 (H100, same data, 4 images per
@@ -137,7 +144,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim = optim = ml_collections.ConfigDict()
     optim.learning_rate = 4e-3
     optim.warmup_steps = 100
-    optim.decay = "cosine"  # "cosine" or "constant" after warmup
+    # After the linear warmup: "cosine" or "linear" down to learning_rate *
+    # end_learning_rate_factor at num_train_steps, or "constant".
+    optim.decay = "cosine"
     optim.end_learning_rate_factor = 0.05
     optim.b1 = 0.9
     optim.b2 = 0.99
@@ -148,11 +157,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = train = ml_collections.ConfigDict()
     train.global_batch_size = 64
     train.num_train_steps = 1750
+    # Split each global batch into this many micro-batches, gradients summed in the step (the
+    # same update, the activation memory of one micro-batch).
+    train.grad_accum_steps = 1
     train.caption_dropout_prob = 0.1
     train.log_every_steps = 25
     # Each save or sample grid costs the CPU demo a few seconds; twice per run is enough here.
     train.checkpoint_every_steps = 875
+    # Checkpoints kept: the last `keep_checkpoints`, plus every step divisible by `keep_period`
+    # (0: none) for looking back at a long run.
     train.keep_checkpoints = 2
+    train.keep_period = 0
+    # Non-finite steps are skipped (update dropped, counted); this many in a row stop the job
+    # with the last good checkpoint kept (0: never stop).
+    train.max_consecutive_nonfinite = 20
     train.sample_every_steps = 875
     train.sample_prompts = (
         "a red circle in the top left",
@@ -169,11 +187,19 @@ def get_config() -> ml_collections.ConfigDict:
     sample.eta = 0.0
     sample.cfg_scale = 4.0
     sample.timestep_spacing = "trailing"
+    # Karras et al. 2022 sigma spacing (dpmpp_2m, euler, euler_ancestral, heun only).
+    sample.karras_sigmas = False
+    # Lin et al. 2023 guidance rescale in [0, 1]; 0 is plain classifier-free guidance.
+    sample.guidance_rescale = 0.0
     sample.batch_size = 64
 
     config.mesh = mesh = ml_collections.ConfigDict()
-    # Mesh axes and sizes; -1 takes all remaining devices.
-    mesh.shape = (("data", -1),)
-    # Logical axis -> mesh axis. Parameters are replicated until FSDP rules land.
-    mesh.batch_axes = ("data",)
+    # Mesh axes and sizes; -1 takes all remaining devices. ("fsdp", N) splits parameters,
+    # gradients, optimizer state and EMA N ways (FSDP); the batch is split over both axes.
+    mesh.shape = (("data", -1), ("fsdp", 1))
+    mesh.batch_axes = ("data", "fsdp")
+    # Logical parameter axis -> mesh axis (None: replicated). Names: "embed" (input features of
+    # a kernel, width of an embedding table), "mlp" (output features, biases), "vocab", "norm".
+    # A dimension that does not divide over its mesh axis stays whole.
+    mesh.rules = (("embed", "fsdp"), ("mlp", None), ("vocab", None), ("norm", None))
     return config

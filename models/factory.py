@@ -28,8 +28,10 @@ def abstract_unet(model_config: ml_collections.ConfigDict):
 
 def build_frozen_text_encoder(model_config: ml_collections.ConfigDict, workdir: str | None = None):
     """(tokenizer, graphdef, params) of the frozen text encoder (`workdir` holds the demo's
-    trained BPE tokenizer when it uses one)."""
-    tokenizer, encoder = build_text_encoder(model_config.text_encoder, workdir=workdir)
+    trained BPE tokenizer when it uses one). It computes in `model.dtype`, as the UNet; its
+    parameters stay float32."""
+    tokenizer, encoder = build_text_encoder(model_config.text_encoder, workdir=workdir,
+                                            dtype=compute_dtype(model_config))
     graphdef, params = nnx.split(encoder)
     return tokenizer, graphdef, params
 

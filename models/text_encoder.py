@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from models.hf_weights import load_torch_state_dict, read_safetensors
+from models.logical_axes import embed_kw, linear_kw, norm_kw
 
 # transformers warns at import time when torch is absent; tokenizers need no torch, so that
 # warning is noise for every user. Respect an explicit setting.
@@ -42,7 +43,8 @@ class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, vocab_size, hidden_size, max_position_embeddings, *, dtype, param_dtype,
                  rngs):
         embed_init = nnx.initializers.normal(0.02)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, embedding_init=embed_init, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, embedding_init=embed_init, rngs=rngs,
+                  **embed_kw())
         self.token_embedding = nnx.Embed(vocab_size, hidden_size, **kw)
         self.position_embedding = nnx.Embed(max_position_embeddings, hidden_size, **kw)
 
@@ -61,7 +63,7 @@ class CLIPAttention(nnx.Module):
         in_std = hidden_size**-0.5 * (2 * num_layers) ** -0.5
         linear = lambda std: nnx.Linear(
             hidden_size, hidden_size, kernel_init=nnx.initializers.normal(std), dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs,
+            param_dtype=param_dtype, rngs=rngs, **linear_kw(),
         )
         self.k_proj = linear(in_std)
         self.v_proj = linear(in_std)
@@ -79,7 +81,7 @@ class CLIPAttention(nnx.Module):
 class CLIPMLP(nnx.Module):
     def __init__(self, hidden_size, intermediate_size, num_layers, hidden_act, *, dtype,
                  param_dtype, rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, **linear_kw())
         self.activation = _ACTIVATIONS[hidden_act]
         self.fc1 = nnx.Linear(hidden_size, intermediate_size,
                               kernel_init=nnx.initializers.normal((2 * hidden_size) ** -0.5), **kw)
@@ -96,9 +98,9 @@ class CLIPEncoderLayer(nnx.Module):
                  dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.self_attn = CLIPAttention(hidden_size, num_heads, num_layers, **kw)
-        self.layer_norm1 = nnx.LayerNorm(hidden_size, epsilon=eps, **kw)
+        self.layer_norm1 = nnx.LayerNorm(hidden_size, epsilon=eps, **kw, **norm_kw())
         self.mlp = CLIPMLP(hidden_size, intermediate_size, num_layers, hidden_act, **kw)
-        self.layer_norm2 = nnx.LayerNorm(hidden_size, epsilon=eps, **kw)
+        self.layer_norm2 = nnx.LayerNorm(hidden_size, epsilon=eps, **kw, **norm_kw())
 
     def __call__(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
@@ -149,7 +151,8 @@ class CLIPTextTransformer(nnx.Module):
                              num_hidden_layers, hidden_act, layer_norm_eps, **kw)
             for _ in range(num_hidden_layers)
         ])
-        self.final_layer_norm = nnx.LayerNorm(hidden_size, epsilon=layer_norm_eps, **kw)
+        self.final_layer_norm = nnx.LayerNorm(hidden_size, epsilon=layer_norm_eps, **kw,
+                                             **norm_kw())
 
     def __call__(self, input_ids):
         if input_ids.shape[-1] > self.max_position_embeddings:

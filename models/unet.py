@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.logical_axes import conv_kw, linear_kw, norm_kw
+
 _DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 _UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
@@ -26,21 +28,21 @@ def _conv(in_features, out_features, kernel_size, *, stride=1, dtype, param_dtyp
     padding = ((pad, pad), (pad, pad))
     return nnx.Conv(
         in_features, out_features, (kernel_size, kernel_size), strides=stride, padding=padding,
-        dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs, **conv_kw(),
     )
 
 
 def _linear(in_features, out_features, *, use_bias=True, dtype, param_dtype, rngs):
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-        rngs=rngs,
+        rngs=rngs, **linear_kw(),
     )
 
 
 def _group_norm(num_features, num_groups, epsilon, *, dtype, param_dtype, rngs):
     return nnx.GroupNorm(
         num_features, num_groups=num_groups, epsilon=epsilon, dtype=dtype,
-        param_dtype=param_dtype, rngs=rngs,
+        param_dtype=param_dtype, rngs=rngs, **norm_kw(),
     )
 
 
@@ -162,7 +164,7 @@ class BasicTransformerBlock(nnx.Module):
                  dropout, norm_eps, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.only_cross_attention = only_cross_attention
-        layer_norm = lambda: nnx.LayerNorm(dim, epsilon=norm_eps, **kw)
+        layer_norm = lambda: nnx.LayerNorm(dim, epsilon=norm_eps, **kw, **norm_kw())
         self.norm1 = layer_norm()
         self.attn1 = Attention(
             dim, cross_attention_dim if only_cross_attention else dim, heads, dim_head,

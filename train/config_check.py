@@ -9,16 +9,18 @@ from data_pipeline.captions import EMPTY_CAPTION_POLICIES
 from data_pipeline.input_pipeline import DATA_SOURCES, DECODE_WORKER_KINDS, storage_options
 from diffusion.loss import LOSS_WEIGHTINGS
 from diffusion.parameterization import PREDICTION_TYPES
+from diffusion.sampling import KARRAS_SOLVERS, SOLVER_NAMES
 from diffusion.schedules import SCHEDULES
 from diffusion.solvers import TIMESTEP_SPACINGS
 from diffusion.timestep_sampling import TIMESTEP_SAMPLINGS
+from models.logical_axes import LOGICAL_AXES
 from models.text_encoder import DEMO_TOKENIZERS
 from models.unet import RESNET_TIME_SCALE_SHIFTS
+from train.sharding import MESH_AXES
+from train.state import LR_DECAYS
 
-SAMPLERS = ("ddim", "ddpm")
 TEXT_ENCODERS = ("demo", "clip")
 DTYPES = ("float32", "bfloat16")
-LR_DECAYS = ("cosine", "constant")
 
 
 class ConfigError(ValueError):
@@ -144,6 +146,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"({unet.cross_attention_dim}): it receives the pooled prompt embedding"
         )
     _choice("model.dtype", model.dtype, DTYPES)
+    if not isinstance(unet.get("remat", False), bool):
+        raise ConfigError(f"config.model.unet.remat={unet.remat!r} must be True or False")
 
     _choice("diffusion.schedule", diffusion.schedule, SCHEDULES)
     _choice("diffusion.prediction_type", diffusion.prediction_type, PREDICTION_TYPES)
@@ -157,17 +161,44 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive("optim.learning_rate", optim.learning_rate)
     _positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)
     _choice("optim.decay", optim.decay, LR_DECAYS)
+    _probability("optim.end_learning_rate_factor", optim.end_learning_rate_factor)
     _probability("optim.ema_decay", optim.ema_decay)
     _positive("optim.grad_clip_norm", optim.grad_clip_norm, allow_zero=True)
 
     _positive("train.global_batch_size", train.global_batch_size)
     _positive("train.num_train_steps", train.num_train_steps)
+    accum = train.get("grad_accum_steps", 1)
+    if not isinstance(accum, int) or accum < 1:
+        raise ConfigError(f"config.train.grad_accum_steps={accum!r} must be an int >= 1")
+    if train.global_batch_size % accum:
+        raise ConfigError(
+            f"config.train.global_batch_size={train.global_batch_size} must be divisible by "
+            f"config.train.grad_accum_steps={accum}"
+        )
     _probability("train.caption_dropout_prob", train.caption_dropout_prob)
     for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _positive(f"train.{field}", train[field])
     _positive("train.sample_every_steps", train.sample_every_steps, allow_zero=True)
+    for field in ("keep_period", "max_consecutive_nonfinite"):
+        _positive(f"train.{field}", train.get(field, 0), allow_zero=True)
 
-    _choice("sample.sampler", sample.sampler, SAMPLERS)
+    _check_mesh(config.mesh)
+
+    _choice("sample.sampler", sample.sampler, SOLVER_NAMES)
+    if sample.get("karras_sigmas", False) and sample.sampler not in KARRAS_SOLVERS:
+        raise ConfigError(
+            f"config.sample.karras_sigmas=True needs a sampler in {KARRAS_SOLVERS}, "
+            f"got {sample.sampler!r}"
+        )
+    _positive("sample.cfg_scale", sample.cfg_scale, allow_zero=True)
+    _probability("sample.guidance_rescale", sample.get("guidance_rescale", 0.0))
+    if diffusion.get("rescale_zero_terminal_snr", False) and (
+        diffusion.prediction_type == "epsilon"
+    ):
+        raise ConfigError(
+            "config.diffusion.rescale_zero_terminal_snr=True needs prediction_type "
+            "'v_prediction' or 'sample': epsilon cannot recover x0 at zero SNR"
+        )
     _choice("sample.timestep_spacing", sample.timestep_spacing, TIMESTEP_SPACINGS)
     if not 1 <= sample.steps <= diffusion.num_train_timesteps:
         raise ConfigError(
@@ -176,3 +207,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     _positive("sample.batch_size", sample.batch_size)
     _positive("sample.eta", sample.eta, allow_zero=True)
+
+
+def _check_mesh(mesh: ml_collections.ConfigDict) -> None:
+    names = []
+    for entry in mesh.shape:
+        if len(entry) != 2 or not isinstance(entry[1], int) or (entry[1] < 1 and entry[1] != -1):
+            raise ConfigError(
+                f"config.mesh.shape entry {tuple(entry)!r} must be (axis name, size >= 1 or -1)")
+        _choice("mesh.shape axis", entry[0], MESH_AXES)
+        names.append(entry[0])
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config.mesh.shape={tuple(map(tuple, mesh.shape))} repeats an axis")
+    for axis in mesh.batch_axes:
+        if axis not in names:
+            raise ConfigError(
+                f"config.mesh.batch_axes names {axis!r}, which config.mesh.shape does not have "
+                f"({tuple(names)})")
+    for rule in mesh.get("rules", ()):
+        if len(rule) != 2:
+            raise ConfigError(f"config.mesh.rules entry {tuple(rule)!r} must be (logical, mesh)")
+        _choice("mesh.rules logical axis", rule[0], LOGICAL_AXES)
+        if rule[1] is not None:
+            _choice("mesh.rules mesh axis", rule[1], MESH_AXES)

@@ -1,6 +1,5 @@
 """The training loop: data -> jitted step -> metrics, sample grids and Orbax checkpoints."""
 
-import concurrent.futures
 import contextlib
 import os
 import tempfile
@@ -11,7 +10,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
@@ -21,9 +19,6 @@ from data_pipeline.synthetic import sample_captions, write_synthetic_shards
 from diffusion.schedules import make_schedule
 from models.factory import (
     abstract_unet,
-    build_frozen_text_encoder,
-    build_unet,
-    text_conditioning_fn,
 )
 from models.text_encoder import (
     TOKENIZER_FILE,
@@ -36,15 +31,11 @@ from train import checkpoint, lock
 from train.config_check import validate_config
 from train.metrics import MetricWriter
 from train.preemption import PreemptionWatch
+from train.setup import build_run
 from train.sharding import (
-    batch_sharding,
     data_parallel_size,
     make_mesh,
-    replicated,
-    tree_shardings,
 )
-from train.state import init_train_state, make_optimizer
-from train.step import make_train_step
 
 SYNTHETIC_DIR = "data"
 
@@ -289,71 +280,14 @@ def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemptio
     if not dry_run:
         checkpoint.save_config(workdir, config)
 
-    schedule = schedule_from_config(config)
-    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model, str(workdir))
-    replicated_sharding = replicated(mesh)
-    text_params = jax.device_put(text_params, replicated_sharding)
-    empty_ids = jnp.asarray(tokenizer([""])[0])
-    encode_text = text_conditioning_fn(config.model, tokenizer, text_graphdef)
-    unet_graphdef, _ = abstract_unet(config.model)
-    optimizer, learning_rate_fn = make_optimizer(config.optim, train_cfg.num_train_steps)
-    base_rng = jax.random.PRNGKey(config.seed)
-
-    def init_state(rng):
-        unet = build_unet(config.model, nnx.Rngs(params=jax.random.fold_in(rng, 1)))
-        _, params = nnx.split(unet)
-        return init_train_state(params, optimizer, jax.random.fold_in(rng, 2))
-
-    abstract_state = jax.eval_shape(init_state, base_rng)
-    state_shardings = tree_shardings(mesh, abstract_state, config.mesh.rules)
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract_state.params))
-    logging.info("UNet parameters: %.2fM", num_params / 1e6)
-
-    data_sharding = batch_sharding(mesh, batch_axes)
-    text_shardings = jax.tree_util.tree_map(lambda _: replicated_sharding, text_params)
-    train_step = make_train_step(
-        unet_graphdef=unet_graphdef,
-        encode_text=encode_text,
-        schedule=schedule,
-        optimizer=optimizer,
-        learning_rate_fn=learning_rate_fn,
-        diffusion=config.diffusion,
-        caption_dropout_prob=train_cfg.caption_dropout_prob,
-        ema_decay=config.optim.ema_decay,
-        empty_input_ids=empty_ids,
-        grad_accum_steps=train_cfg.grad_accum_steps,
-    )
-    image_size = config.data.image_size
-    abstract_batch = {
-        "images": jax.ShapeDtypeStruct(
-            (global_batch, image_size, image_size, 3), jnp.uint8, sharding=data_sharding
-        ),
-        "input_ids": jax.ShapeDtypeStruct(
-            (global_batch, tokenizer.max_length), jnp.int32, sharding=data_sharding
-        ),
-    }
-    jitted_step = jax.jit(
-        train_step,
-        in_shardings=(state_shardings, text_shardings, data_sharding),
-        out_shardings=(state_shardings, replicated_sharding),
-        donate_argnums=(0,),
-    )
-    # Compile before touching data: shape and memory errors surface in seconds. A fresh run
-    # compiles the parameter initialisation at the same time, in a second thread: XLA compiles
-    # each program on one core, and the random initialisers take about as long as the step.
-    compile_start = time.time()
     fresh = latest is None and not dry_run
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile") as pool:
-        init_future = None
-        if fresh:
-            # Parameters are created directly in their shardings, never whole on one device.
-            init_lowered = jax.jit(init_state, out_shardings=state_shardings).lower(base_rng)
-            init_future = pool.submit(init_lowered.compile)
-        compiled_step = jitted_step.lower(abstract_state, text_params, abstract_batch).compile()
-        cost = _log_compiled(compiled_step, mesh.size)
-        if init_future is not None:
-            state = init_future.result()(base_rng)
-    logging.info("compile took %.1fs", time.time() - compile_start)
+    # Networks, sharded state, compiled step (and, for a fresh run, the initial state).
+    run = build_run(config, mesh, workdir=str(workdir), init=fresh)
+    tokenizer, text_params, encode_text = run.tokenizer, run.text_params, run.encode_text
+    unet_graphdef, schedule, data_sharding = run.unet_graphdef, run.schedule, run.data_sharding
+    abstract_state, state_shardings = run.abstract_state, run.state_shardings
+    compiled_step, state, cost = run.compiled_step, run.state, run.figures
+    num_params = cost["unet_params"]
 
     batch_per_process = global_batch // jax.process_count()
     data_iter = _open_data(config, workdir, tokenizer, batch_per_process)

@@ -8,27 +8,39 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+# Learning-rate shapes after the linear warmup (config.optim.decay).
+LR_DECAYS = ("cosine", "linear", "constant")
+
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: number of optimizer updates applied
+    step: jax.Array  # int32 scalar: train steps taken (skipped non-finite updates included)
     params: Any  # nnx.State of the UNet
     opt_state: Any
     ema_params: Any
     rng: jax.Array  # uint32[2] base key; each step folds in its step number
+    # Steps whose loss or gradient was not finite: their update was dropped (params, optimizer
+    # state and EMA kept). The loop stops the job after too many in a row.
+    skipped_nonfinite: jax.Array  # int32 scalar, total
+    nonfinite_in_a_row: jax.Array  # int32 scalar, consecutive, 0 after a finite step
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, num_train_steps: int):
-    warmup = optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
+    """Linear warmup from 0 to optim.learning_rate, then `optim.decay` down to
+    learning_rate * end_learning_rate_factor at num_train_steps (constant: stays)."""
+    peak, warmup = optim.learning_rate, optim.warmup_steps
+    end = peak * optim.end_learning_rate_factor
+    if optim.decay == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, warmup, max(num_train_steps, warmup + 1), end_value=end)
     if optim.decay == "constant":
-        after = optax.constant_schedule(optim.learning_rate)
-    else:
-        after = optax.cosine_decay_schedule(
-            optim.learning_rate,
-            max(num_train_steps - optim.warmup_steps, 1),
-            alpha=optim.end_learning_rate_factor,
-        )
-    return optax.join_schedules([warmup, after], [optim.warmup_steps])
+        return optax.warmup_constant_schedule(0.0, peak, warmup)
+    if optim.decay == "linear":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, max(warmup, 1)),
+             optax.linear_schedule(peak, end, max(num_train_steps - warmup, 1))],
+            [warmup])
+    raise ValueError(f"config.optim.decay={optim.decay!r} is not one of {LR_DECAYS}")
 
 
 def _decay_mask(params):
@@ -45,6 +57,13 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_train_steps: int):
         optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=_decay_mask)
     )
     return optax.chain(*parts), lr
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, rng) -> TrainState:
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                      ema_params=params, rng=rng, skipped_nonfinite=zero,
+                      nonfinite_in_a_row=zero)
 
 
 def ema_decay_at(step, max_decay: float):

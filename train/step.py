@@ -16,6 +16,24 @@ def images_to_model_space(images_uint8: jax.Array) -> jax.Array:
     return images_uint8.astype(jnp.float32) / 127.5 - 1.0
 
 
+def _tree_all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _micro_batches(tree, num_micro: int):
+    """[B, ...] -> [num_micro, B / num_micro, ...]; micro-batch k holds examples k, k + n, ...
+
+    Strided rather than contiguous so each device keeps its own slice of the sharded batch in
+    every micro-batch (no cross-device shuffle)."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
+        return jnp.moveaxis(x, 1, 0)
+
+    return jax.tree_util.tree_map(split, tree)
+
+
 def make_train_step(
     *,
     unet_graphdef,
@@ -23,19 +41,38 @@ def make_train_step(
     schedule,
     optimizer: optax.GradientTransformation,
     learning_rate_fn,
-    config: ml_collections.ConfigDict,
+    diffusion: ml_collections.ConfigDict,
+    caption_dropout_prob: float,
+    ema_decay: float,
     empty_input_ids: jax.Array,
+    grad_accum_steps: int = 1,
 ):
     """Returns train_step(state, text_params, batch) -> (state, metrics).
 
     `encode_text(text_params, input_ids) -> {"hidden", "pooled"}` runs the frozen encoder; its
     parameters are an input, not part of the state: they get no gradient and never reach the
     optimizer.
+
+    With `grad_accum_steps` n > 1 the batch is split into n micro-batches whose gradients are
+    summed in a `lax.scan` (activation memory of one micro-batch); the random draws (caption
+    dropout, timesteps, noise) are made for the whole batch first, so the update equals the
+    one-shot update of the whole batch up to float rounding.
+
+    A non-finite loss or gradient drops the update: parameters, optimizer state and EMA stay as
+    they were, `skipped_nonfinite` and `nonfinite_in_a_row` count it.
     """
-    diffusion = config.diffusion
-    dropout_prob = config.train.caption_dropout_prob
-    ema_max_decay = config.optim.ema_decay
     num_train_timesteps = diffusion.num_train_timesteps
+
+    def loss_fn(params, noisy, timesteps, hidden, pooled, images, noise):
+        unet = nnx.merge(unet_graphdef, params)
+        prediction = unet(noisy, timesteps, hidden, class_labels=pooled)
+        loss, _ = diffusion_loss(
+            diffusion.prediction_type, schedule, prediction, images, noise, timesteps,
+            weighting=diffusion.loss_weighting, min_snr_gamma=diffusion.min_snr_gamma,
+        )
+        return loss
+
+    grad_fn = jax.value_and_grad(loss_fn)
 
     def train_step(state: TrainState, text_params, batch):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -45,7 +82,7 @@ def make_train_step(
         batch_size = images.shape[0]
 
         # Classifier-free guidance: some captions become the empty prompt.
-        dropped = jax.random.bernoulli(rng_drop, dropout_prob, (batch_size,))
+        dropped = jax.random.bernoulli(rng_drop, caption_dropout_prob, (batch_size,))
         input_ids = jnp.where(dropped[:, None], empty_input_ids[None, :], input_ids)
         cond = encode_text(jax.lax.stop_gradient(text_params), input_ids)
 
@@ -56,33 +93,48 @@ def make_train_step(
         )
         noise = jax.random.normal(rng_noise, images.shape, jnp.float32)
         noisy = add_noise(schedule, images, noise, timesteps)
+        inputs = (noisy, timesteps, cond["hidden"], cond["pooled"], images, noise)
 
-        def loss_fn(params):
-            unet = nnx.merge(unet_graphdef, params)
-            prediction = unet(noisy, timesteps, cond["hidden"], class_labels=cond["pooled"])
-            loss, _ = diffusion_loss(
-                diffusion.prediction_type,
-                schedule,
-                prediction,
-                images,
-                noise,
-                timesteps,
-                weighting=diffusion.loss_weighting,
-                min_snr_gamma=diffusion.min_snr_gamma,
-            )
-            return loss
+        if grad_accum_steps == 1:
+            loss, grads = grad_fn(state.params, *inputs)
+        else:
+            def accumulate(carry, micro):
+                loss_sum, grad_sum = carry
+                loss, grads = grad_fn(state.params, *micro)
+                return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            (loss, grads), _ = jax.lax.scan(
+                accumulate, (jnp.zeros((), jnp.float32), zeros),
+                _micro_batches(inputs, grad_accum_steps))
+            # Equal micro-batches: the mean of their mean losses is the batch's mean loss.
+            loss = loss / grad_accum_steps
+            grads = jax.tree_util.tree_map(lambda g: g / grad_accum_steps, grads)
+
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema_params = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_max_decay))
+        ema_params = ema_update(
+            state.ema_params, params, ema_decay_at(state.step, ema_decay))
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _tree_all_finite(params)
+        keep_new = lambda new, old: jax.tree_util.tree_map(
+            lambda n, o: jnp.where(finite, n, o), new, old)
+        skipped = state.skipped_nonfinite + (~finite).astype(jnp.int32)
+        in_a_row = jnp.where(finite, 0, state.nonfinite_in_a_row + 1).astype(jnp.int32)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": learning_rate_fn(state.step),
+            "skipped_nonfinite": skipped,
+            "nonfinite_in_a_row": in_a_row,
         }
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
+            step=state.step + 1,
+            params=keep_new(params, state.params),
+            opt_state=keep_new(opt_state, state.opt_state),
+            ema_params=keep_new(ema_params, state.ema_params),
+            skipped_nonfinite=skipped,
+            nonfinite_in_a_row=in_a_row,
         )
         return new_state, metrics
 

@@ -1,0 +1,243 @@
+"""One builder of a training run: networks, sharded state, compiled step.
+
+`build_run(config, mesh, workdir=...)` is what the training loop, the throughput bench and the
+tests call, so they run the same program:
+
+    frozen text encoder (tokenizer, graphdef, params placed by the sharding rules)
+    UNet graphdef -> abstract TrainState (eval_shape) -> its shardings (train.sharding rules)
+    -> init: jit(init_state, out_shardings=...) - parameters are created in their shards, never
+       whole on one device
+    -> train step: jit(in/out shardings, state donated) -> .lower(...).compile() before any data
+       is read, with per-device memory and FLOPs.
+"""
+
+import concurrent.futures
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from diffusion.schedules import make_schedule
+from models.factory import (
+    abstract_unet,
+    build_frozen_text_encoder,
+    build_unet,
+    text_conditioning_fn,
+)
+from train.sharding import (
+    DEFAULT_RULES,
+    batch_sharding,
+    check_batch_divides,
+    replicated,
+    sharded_bytes_per_device,
+    tree_shardings,
+)
+from train.state import TrainState, init_train_state, make_optimizer
+from train.step import make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a training run needs, built and compiled; `state` is the freshly initialised
+    state when `build_run(init=True)`, else None (the caller restores a checkpoint into
+    `abstract_state` / `state_shardings`)."""
+
+    mesh: Mesh
+    rules: tuple
+    batch_axes: tuple[str, ...]
+    global_batch_size: int
+    tokenizer: Any
+    text_graphdef: Any
+    text_params: Any  # placed on the mesh
+    encode_text: Callable  # encode(text_params, input_ids) -> {"hidden", "pooled"}
+    unet_graphdef: Any
+    schedule: Any
+    optimizer: Any
+    learning_rate_fn: Callable
+    abstract_state: TrainState
+    state_shardings: TrainState
+    data_sharding: Any
+    abstract_batch: dict
+    init_state: Callable  # jitted: rng -> TrainState in its shardings
+    train_step: Callable  # jitted (state, text_params, batch) -> (state, metrics); donates state
+    compiled_step: Any  # train_step compiled for abstract_state / abstract_batch
+    figures: dict  # per-device memory, FLOPs, parameter and state sizes
+    rng: jax.Array
+    state: TrainState | None = None
+
+
+def schedule_from_config(config: ml_collections.ConfigDict):
+    d = config.diffusion
+    return make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end)
+
+
+def mesh_rules(config: ml_collections.ConfigDict) -> tuple:
+    rules = config.mesh.get("rules", None)
+    return tuple(tuple(rule) for rule in rules) if rules is not None else DEFAULT_RULES
+
+
+def compiled_figures(compiled) -> dict:
+    """Per-device memory (arguments + outputs + temporaries - aliased) and FLOPs of a compiled
+    program, where the backend reports them."""
+    figures = {}
+    try:
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            figures["argument_bytes_per_device"] = int(memory.argument_size_in_bytes)
+            figures["temp_bytes_per_device"] = int(memory.temp_size_in_bytes)
+            figures["memory_bytes_per_device"] = int(
+                memory.argument_size_in_bytes
+                + memory.output_size_in_bytes
+                + memory.temp_size_in_bytes
+                - memory.alias_size_in_bytes
+            )
+    except Exception:  # not every backend reports memory
+        pass
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        if cost and "flops" in cost:
+            # XLA reports the cost of one device's partition of the SPMD program.
+            figures["flops_per_step_per_device"] = float(cost["flops"])
+    except Exception:
+        pass
+    return figures
+
+
+def _abstract(tree, shardings):
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def build_run(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    *,
+    workdir: str | None,
+    rng: jax.Array | None = None,
+    init: bool = True,
+    global_batch_size: int | None = None,
+    process_count: int | None = None,
+) -> Run:
+    """Build and compile the run `config` describes on `mesh`.
+
+    `workdir` holds what the data preparation left for the model (the demo's BPE tokenizer).
+    `init=True` also creates the initial state (compiled in a second thread while the step
+    compiles: XLA compiles each program on one core). `global_batch_size` overrides
+    config.train.global_batch_size (the bench). Raises ValueError before compiling when the
+    batch does not divide over the mesh.
+    """
+    train_cfg = config.train
+    batch_axes = tuple(config.mesh.batch_axes)
+    rules = mesh_rules(config)
+    global_batch = int(global_batch_size or train_cfg.global_batch_size)
+    grad_accum_steps = int(train_cfg.get("grad_accum_steps", 1))
+    check_batch_divides(
+        global_batch, mesh, batch_axes, grad_accum_steps=grad_accum_steps,
+        process_count=jax.process_count() if process_count is None else process_count)
+    rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+
+    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model, workdir)
+    text_shardings = tree_shardings(mesh, text_params, rules)
+    text_params = jax.device_put(text_params, text_shardings)
+    encode_text = text_conditioning_fn(config.model, tokenizer, text_graphdef)
+    unet_graphdef, _ = abstract_unet(config.model)
+    optimizer, learning_rate_fn = make_optimizer(config.optim, train_cfg.num_train_steps)
+    schedule = schedule_from_config(config)
+
+    def init_state(rng):
+        unet = build_unet(config.model, nnx.Rngs(params=jax.random.fold_in(rng, 1)))
+        _, params = nnx.split(unet)
+        return init_train_state(params, optimizer, jax.random.fold_in(rng, 2))
+
+    abstract_state = jax.eval_shape(init_state, rng)
+    state_shardings = tree_shardings(mesh, abstract_state, rules)
+    data_sharding = batch_sharding(mesh, batch_axes)
+    image_size = config.data.image_size
+    abstract_batch = {
+        "images": jax.ShapeDtypeStruct(
+            (global_batch, image_size, image_size, 3), jnp.uint8, sharding=data_sharding),
+        "input_ids": jax.ShapeDtypeStruct(
+            (global_batch, tokenizer.max_length), jnp.int32, sharding=data_sharding),
+    }
+    step_fn = make_train_step(
+        unet_graphdef=unet_graphdef,
+        encode_text=encode_text,
+        schedule=schedule,
+        optimizer=optimizer,
+        learning_rate_fn=learning_rate_fn,
+        diffusion=config.diffusion,
+        caption_dropout_prob=train_cfg.caption_dropout_prob,
+        ema_decay=config.optim.ema_decay,
+        empty_input_ids=jnp.asarray(tokenizer([""])[0]),
+        grad_accum_steps=grad_accum_steps,
+    )
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, text_shardings, data_sharding),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    jitted_init = jax.jit(init_state, out_shardings=state_shardings)
+
+    # Compile before touching data: shape and memory errors surface in seconds. A fresh run
+    # compiles the parameter initialisation at the same time, in a second thread: the random
+    # initialisers take about as long to compile as the step.
+    start = time.time()
+    state = None
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile") as pool:
+        init_future = pool.submit(jitted_init.lower(rng).compile) if init else None
+        compiled_step = train_step.lower(
+            _abstract(abstract_state, state_shardings),
+            _abstract(text_params, text_shardings),
+            abstract_batch,
+        ).compile()
+        if init_future is not None:
+            state = init_future.result()(rng)
+    figures = compiled_figures(compiled_step)
+    figures["compile_seconds"] = time.time() - start
+    figures["unet_params"] = int(
+        sum(x.size for x in jax.tree_util.tree_leaves(abstract_state.params)))
+    figures["state_bytes_per_device"] = sharded_bytes_per_device(
+        _abstract(abstract_state, state_shardings))
+    logging.info(
+        "compiled train step on %d devices %s (per device): %s", mesh.size, dict(mesh.shape),
+        ", ".join(f"{k}={v:.4g}" for k, v in figures.items()))
+    return Run(
+        mesh=mesh, rules=rules, batch_axes=batch_axes, global_batch_size=global_batch,
+        tokenizer=tokenizer, text_graphdef=text_graphdef, text_params=text_params,
+        encode_text=encode_text, unet_graphdef=unet_graphdef, schedule=schedule,
+        optimizer=optimizer, learning_rate_fn=learning_rate_fn, abstract_state=abstract_state,
+        state_shardings=state_shardings, data_sharding=data_sharding,
+        abstract_batch=abstract_batch, init_state=jitted_init, train_step=train_step,
+        compiled_step=compiled_step, figures=figures, rng=rng, state=state,
+    )
+
+
+def describe(run: Run) -> str:
+    """A few lines for a dry run / the log: mesh, how the state is split, memory, FLOPs."""
+    leaves = jax.tree_util.tree_leaves(run.state_shardings.params)
+    sharded = sum(not s.is_fully_replicated for s in leaves)
+    per_device = run.global_batch_size // run.mesh.size
+    lines = [
+        f"mesh {dict(run.mesh.shape)} over {run.mesh.size} devices, rules {dict(run.rules)}",
+        f"global batch {run.global_batch_size}, {per_device} per device; "
+        f"UNet {run.figures['unet_params'] / 1e6:.2f}M parameters, {sharded} of {len(leaves)} "
+        "parameter arrays split",
+        f"train state {run.figures['state_bytes_per_device'] / 2**20:.1f} MiB per device",
+    ]
+    if "memory_bytes_per_device" in run.figures:
+        lines.append(
+            f"compiled step: {run.figures['memory_bytes_per_device'] / 2**20:.1f} MiB per device")
+    if "flops_per_step_per_device" in run.figures:
+        lines.append(
+            f"compiled step: {run.figures['flops_per_step_per_device'] / 1e9:.2f} GFLOP per "
+            "device per step")
+    return "\n".join(lines)
