@@ -167,8 +167,10 @@ class TfdsSource:
 
         try:
             builder = tfds.builder(name, data_dir=data_dir or None)
-        except Exception as error:  # tfds raises several types for unknown names
-            raise ValueError(f"data.tfds_name {name!r}: no such TFDS dataset ({error})") from None
+        except Exception as error:  # tfds raises several types; its message lists every name
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(f"data.tfds_name={name!r}: no such TFDS dataset in "
+                             f"{data_dir or 'the default data dir'} ({first_line})") from None
         if not builder.is_prepared():
             raise FileNotFoundError(
                 f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; "
@@ -180,7 +182,9 @@ class TfdsSource:
             if feature not in features:
                 raise ValueError(f"data.{field}={feature!r} is not a feature of TFDS dataset "
                                  f"{name!r}; it has {sorted(features)}")
-        if split not in builder.info.splits:
+        # "train[:10%]+validation" style specs name their splits before any slice.
+        named = [part.split("[", 1)[0].strip() for part in split.split("+")]
+        if any(part not in builder.info.splits for part in named):
             raise ValueError(f"data.tfds_split={split!r}: TFDS dataset {name!r} has splits "
                              f"{sorted(builder.info.splits)}")
         self.name, self.split = name, split
