@@ -51,8 +51,9 @@ DEFAULT_SHARD_SIZE_MB = 256
 # Each image is stored as its own ArrayRecord chunk, so a random read touches one image;
 # images are already compressed, so a second compression would only cost time.
 ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
-# Spawned workers pay a start-up (imports) that only pays off on larger inputs.
-MIN_ITEMS_FOR_WORKERS = 2000
+# Spawned worker processes pay a start-up (imports) that only pays off on larger inputs.
+MIN_ITEMS_FOR_PROCESSES = 2000
+WORKER_KINDS = ("threads", "processes")
 _PRINTED_SKIPS = 20
 
 
@@ -319,18 +320,24 @@ def _check_batch(batch: list[tuple[int, Item]], options: CheckOptions) -> list[C
     return [check_item(index, item, options) for index, item in batch]
 
 
-def checked_in_order(items: Iterable[Item], options: CheckOptions,
-                     num_workers: int) -> Iterator[Checked]:
+def checked_in_order(items: Iterable[Item], options: CheckOptions, num_workers: int,
+                     worker_kind: str = "threads") -> Iterator[Checked]:
     """check_item over items, results in input order, at most a few batches in flight."""
     numbered = enumerate(items)
     if num_workers <= 1:
         for index, item in numbered:
             yield check_item(index, item, options)
         return
+    if worker_kind == "threads":
+        pool = concurrent.futures.ThreadPoolExecutor(num_workers)
+    elif worker_kind == "processes":
+        # Spawn, not fork: the caller may have threads (JAX, tqdm's monitor) fork would copy.
+        pool = concurrent.futures.ProcessPoolExecutor(
+            num_workers, mp_context=multiprocessing.get_context("spawn"))
+    else:
+        raise ValueError(f"unknown worker kind {worker_kind!r}; one of {WORKER_KINDS}")
     batch_size = 64
-    # Spawn, not fork: the caller may have threads (JAX, tqdm's monitor) that fork would copy.
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+    with pool:
         pending: collections.deque = collections.deque()
         while batch := list(itertools.islice(numbered, batch_size)):
             pending.append(pool.submit(_check_batch, batch, options))
@@ -465,10 +472,13 @@ def prepare(input_dir: str, output_dir: str, *, output_format: str = "arrayrecor
             shard_size_mb: float | None = None, samples_per_shard: int | None = None,
             min_size: int = 0, caption_column: str = "text", image_column: str = "image",
             split: str | None = None, keep_uncaptioned: bool = False, num_workers: int = 1,
-            overwrite: bool = False, progress: bool = True, log=sys.stderr) -> dict:
+            worker_kind: str = "threads", overwrite: bool = False, progress: bool = True,
+            log=sys.stderr) -> dict:
     """Write shards of input_dir's captioned images into output_dir; returns the summary."""
     if output_format not in FORMATS:
         raise UsageError(f"unknown format {output_format!r}; one of {', '.join(FORMATS)}")
+    if worker_kind not in WORKER_KINDS:
+        raise UsageError(f"unknown worker kind {worker_kind!r}; one of {', '.join(WORKER_KINDS)}")
     if shard_size_mb is not None and samples_per_shard is not None:
         raise UsageError("pass --shard_size_mb or --samples_per_shard, not both")
     if samples_per_shard is not None and samples_per_shard < 1:
@@ -481,7 +491,8 @@ def prepare(input_dir: str, output_dir: str, *, output_format: str = "arrayrecor
     kind, items, count = discover(input_dir, caption_column, image_column, split,
                                   skip_dir=os.path.realpath(output_dir))
     _prepare_output(output_dir, overwrite)
-    workers = num_workers if count >= MIN_ITEMS_FOR_WORKERS else 1
+    small = worker_kind == "processes" and count < MIN_ITEMS_FOR_PROCESSES
+    workers = 1 if small else max(num_workers, 1)
     options = CheckOptions(min_side=max(min_size, DEFAULT_MIN_SIDE),
                            keep_uncaptioned=keep_uncaptioned)
     sink = ShardSink(output_dir, output_format,
@@ -495,7 +506,7 @@ def prepare(input_dir: str, output_dir: str, *, output_format: str = "arrayrecor
     skipped_log = open(os.path.join(output_dir, SKIPPED_FILE + ".incomplete"), "w",
                        encoding="utf-8")
     try:
-        for example in checked_in_order(items, options, workers):
+        for example in checked_in_order(items, options, workers, worker_kind):
             bar.update(1)
             if example.skip_reason is not None:
                 skipped[example.skip_reason] += 1
@@ -543,6 +554,7 @@ def prepare(input_dir: str, output_dir: str, *, output_format: str = "arrayrecor
         "shards": sink.shards,
         "image_formats": dict(sorted(extensions.items())),
         "workers": workers,
+        "worker_kind": worker_kind,
         "seconds": round(seconds, 3),
         "images_per_s": round(count / seconds, 1) if seconds > 0 else None,
     }
@@ -592,9 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", help="split of a saved DatasetDict (default train)")
     parser.add_argument("--keep_uncaptioned", action="store_true",
                         help="keep images without a caption (empty caption list)")
-    parser.add_argument("--num_workers", type=int, default=min(os.cpu_count() or 1, 8),
-                        help="validation processes (one below "
-                        f"{MIN_ITEMS_FOR_WORKERS} images)")
+    # One by default: on the 2-core machine this was measured on, parallel workers were slower
+    # (docs/notes/prepare.md); on idle cores, threads overlap decoding (PIL drops the GIL).
+    parser.add_argument("--num_workers", type=int, default=1,
+                        help="parallel validation workers (processes: one below "
+                        f"{MIN_ITEMS_FOR_PROCESSES} images)")
+    parser.add_argument("--worker_kind", default="threads", choices=WORKER_KINDS)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace shards a previous run left in --output")
     parser.add_argument("--no_progress", action="store_true")
@@ -610,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
             samples_per_shard=args.samples_per_shard, min_size=args.min_size,
             caption_column=args.caption_column, image_column=args.image_column,
             split=args.split, keep_uncaptioned=args.keep_uncaptioned,
-            num_workers=args.num_workers, overwrite=args.overwrite,
+            num_workers=args.num_workers, worker_kind=args.worker_kind,
+            overwrite=args.overwrite,
             progress=not args.no_progress,
         )
     except UsageError as error:

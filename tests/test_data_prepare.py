@@ -229,18 +229,22 @@ def test_reruns_are_byte_identical_and_shards_keep_to_their_size(tmp_path):
     assert list(_digests(tmp_path / "a")) == ["shard-00000.array_record"]
 
 
-def test_worker_processes_write_the_same_shards(tmp_path, monkeypatch):
+def test_worker_threads_and_processes_write_the_same_shards(tmp_path, monkeypatch):
     root = tmp_path / "images"
     for i in range(20):
         _write(str(root / f"{i:02d}.jpg"), _image_bytes(seed=i) if i != 7 else b"bad")
         _write(str(root / f"{i:02d}.txt"), f"image {i}")
     prepare(str(root), str(tmp_path / "one"), samples_per_shard=6, progress=False)
-    monkeypatch.setattr(prepare_module, "MIN_ITEMS_FOR_WORKERS", 0)
-    summary = prepare(str(root), str(tmp_path / "two"), samples_per_shard=6, num_workers=2,
+    threads = prepare(str(root), str(tmp_path / "threads"), samples_per_shard=6, num_workers=3,
                       progress=False)
-    assert summary["workers"] == 2 and summary["skipped"] == {"decode": 1}
-    assert _digests(tmp_path / "one") == _digests(tmp_path / "two")
+    assert threads["workers"] == 3 and threads["skipped"] == {"decode": 1}
+    monkeypatch.setattr(prepare_module, "MIN_ITEMS_FOR_PROCESSES", 0)
+    processes = prepare(str(root), str(tmp_path / "processes"), samples_per_shard=6,
+                        num_workers=2, worker_kind="processes", progress=False)
+    assert processes["workers"] == 2 and processes["skipped"] == {"decode": 1}
     assert len(_digests(tmp_path / "one")) == 4
+    assert (_digests(tmp_path / "one") == _digests(tmp_path / "threads")
+            == _digests(tmp_path / "processes"))
 
 
 def test_an_interrupted_run_leaves_no_shard_that_looks_complete(tmp_path, monkeypatch):
