@@ -1,5 +1,6 @@
 """Orbax checkpoints of the train state: round trip, restore onto another mesh, EMA-only
-restore for the sampler, retention, config.json, and the errors users see."""
+restore for the sampler, retention (last K + every M-th), the config stored with each step, the
+refusals (another model shape, non-finite parameters) and the errors users see."""
 
 import json
 import os
@@ -14,16 +15,15 @@ from configs import tiny
 from models.factory import abstract_unet, build_unet
 from train import checkpoint
 from train.sharding import make_mesh, tree_shardings
-from train.state import TrainState, make_optimizer
+from train.state import init_train_state, make_optimizer
 
 
 def _state(config, seed=0):
     optimizer, _ = make_optimizer(config.optim, config.train.num_train_steps)
     _, params = nnx.split(build_unet(config.model, nnx.Rngs(seed)))
-    ema = jax.tree_util.tree_map(lambda p: p + 0.25, params)  # distinguishable from params
-    return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
-                      opt_state=optimizer.init(params), ema_params=ema,
-                      rng=jax.random.PRNGKey(seed))
+    state = init_train_state(params, optimizer, jax.random.PRNGKey(seed))
+    # EMA distinguishable from the parameters.
+    return state.replace(ema_params=jax.tree_util.tree_map(lambda p: p + 0.25, params))
 
 
 def _leaves(tree):
@@ -34,20 +34,37 @@ def _place(state, mesh):
     return jax.device_put(state, tree_shardings(mesh, state))
 
 
+def _at(state, step):
+    return state.replace(step=jnp.asarray(step, jnp.int32))
+
+
+def _files(directory):
+    return sorted(
+        (os.path.relpath(os.path.join(root, name), directory),
+         os.path.getsize(os.path.join(root, name)))
+        for root, _, names in os.walk(directory) for name in names
+    )
+
+
 @pytest.fixture(scope="module")
 def config():
     return tiny.get_config()
 
 
-def test_round_trip_onto_a_different_mesh_and_retention(config, tmp_path):
+@pytest.fixture(scope="module")
+def state(config):
+    return _place(_state(config), make_mesh([("data", -1)]))  # 8 devices
+
+
+def test_round_trip_onto_a_different_mesh_and_retention(config, state, tmp_path):
     workdir = str(tmp_path)
-    state = _place(_state(config), make_mesh([("data", -1)]))  # 8 devices
-    manager = checkpoint.make_manager(workdir, keep=2)
-    for step in (1, 2, 3):
-        state = state.replace(step=jnp.asarray(step, jnp.int32))
-        checkpoint.save(manager, state, config=config, data_state={"samples_yielded": step * 16})
+    manager = checkpoint.make_manager(workdir, keep=2, keep_period=4)
+    for step in range(1, 10):
+        checkpoint.save(manager, _at(state, step), config=config,
+                        data_counters={"examples": step * 16})
     manager.wait_until_finished()
-    assert manager.all_steps() == [2, 3]
+    # The last two, plus every 4th.
+    assert manager.all_steps() == [4, 8, 9]
     manager.close()
 
     # Restore with a fresh manager (a new process would) onto a 2-device mesh.
@@ -58,21 +75,18 @@ def test_round_trip_onto_a_different_mesh_and_retention(config, tmp_path):
         manager, manager.latest_step(), abstract, tree_shardings(small_mesh, abstract)
     )
     manager.close()
-    assert int(restored.step) == 3
-    assert meta["step"] == 3 and meta["data"] == {"samples_yielded": 48}
-    assert meta["config"]["train"]["global_batch_size"] == config.train.global_batch_size
-    for before, after in zip(_leaves(state), _leaves(restored), strict=True):
+    assert int(restored.step) == 9
+    assert meta["step"] == 9 and meta["data"] == {"examples": 144}
+    for before, after in zip(_leaves(_at(state, 9)), _leaves(restored), strict=True):
         np.testing.assert_array_equal(before, after)
     leaf = jax.tree_util.tree_leaves(restored.params)[0]
     assert len(leaf.sharding.device_set) == 2
 
 
-def test_sampler_restores_only_ema_params(config, tmp_path):
+def test_sampler_restores_only_ema_params(config, state, tmp_path):
     workdir = str(tmp_path)
-    state = _place(_state(config, seed=1), make_mesh([("data", -1)]))
-    state = state.replace(step=jnp.asarray(5, jnp.int32))
     with checkpoint.make_manager(workdir) as manager:
-        checkpoint.save(manager, state, config=config)
+        checkpoint.save(manager, _at(state, 5), config=config)
     _, abstract_params = abstract_unet(config.model)
     mesh = make_mesh([("data", -1)])
     ema, meta = checkpoint.restore_ema_params(
@@ -85,23 +99,89 @@ def test_sampler_restores_only_ema_params(config, tmp_path):
                    for a, b in zip(_leaves(state.params), _leaves(ema), strict=True))
 
 
+def test_config_comes_from_the_checkpoint_not_the_workdir_copy(config, state, tmp_path):
+    workdir = str(tmp_path)
+    first = config.copy_and_resolve_references()
+    first.optim.learning_rate = 1e-3
+    second = config.copy_and_resolve_references()
+    second.optim.learning_rate = 2e-3
+    with checkpoint.make_manager(workdir) as manager:
+        checkpoint.save(manager, _at(state, 2), config=first)
+        manager.wait_until_finished()
+        checkpoint.save(manager, _at(state, 4), config=second)
+    # A later launch rewrote the convenience copy; the checkpoints still know their own config.
+    bogus = config.copy_and_resolve_references()
+    bogus.optim.learning_rate = 9.0
+    checkpoint.save_config(workdir, bogus)
+    assert checkpoint.load_config(workdir).optim.learning_rate == 2e-3
+    assert checkpoint.load_config(workdir, step=2).optim.learning_rate == 1e-3
+    loaded = checkpoint.load_config(workdir)
+    assert loaded.model.unet.block_out_channels == config.model.unet.block_out_channels
+    assert isinstance(loaded.model.unet.down_block_types, tuple)
+
+
 def test_config_json_round_trip_keeps_tuples(config, tmp_path):
     checkpoint.save_config(str(tmp_path), config)
-    loaded = checkpoint.load_config(str(tmp_path))
+    loaded = checkpoint.load_config(str(tmp_path))  # no checkpoint yet: the copy
     assert loaded.model.unet.block_out_channels == config.model.unet.block_out_channels
     assert isinstance(loaded.model.unet.down_block_types, tuple)
     assert json.loads(loaded.to_json_best_effort()) == json.loads(config.to_json_best_effort())
     assert not os.path.exists(os.path.join(tmp_path, "config.json.tmp"))
 
 
-def test_missing_workdir_or_step_is_a_clear_error(config, tmp_path):
+def test_another_model_shape_is_refused_and_nothing_changes(config, state, tmp_path):
+    workdir = str(tmp_path)
+    with checkpoint.make_manager(workdir) as manager:
+        checkpoint.save(manager, _at(state, 3), config=config)
+    _, same = abstract_unet(config.model)
+    checkpoint.check_compatible(workdir, 3, config, same)  # same model: fine
+
+    wider = config.copy_and_resolve_references()
+    wider.model.unet.block_out_channels = (16, 48)
+    _, wider_params = abstract_unet(wider.model)
+    before = _files(workdir)
+    with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                       match=r"block_out_channels: \(16, 32\) -> \(16, 48\).*parameter shapes"):
+        checkpoint.check_compatible(workdir, 3, wider, wider_params)
+    assert _files(workdir) == before
+
+    other_encoder = config.copy_and_resolve_references()
+    other_encoder.model.text_encoder.seed = 99  # same shapes, different conditioning
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="text_encoder.seed"):
+        checkpoint.check_compatible(workdir, 3, other_encoder, same)
+
+
+def test_non_finite_parameters_are_never_saved_nor_sampled(config, state, tmp_path):
+    workdir = str(tmp_path)
+    poisoned = state.replace(ema_params=jax.tree_util.tree_map(
+        lambda p: p.at[(0,) * p.ndim].set(jnp.nan), state.ema_params))
+    with checkpoint.make_manager(workdir) as manager:
+        checkpoint.save(manager, _at(state, 1), config=config)
+        manager.wait_until_finished()
+        with pytest.raises(checkpoint.NonFiniteParametersError, match="step 2"):
+            checkpoint.save(manager, _at(poisoned, 2), config=config)
+        manager.wait_until_finished()
+        assert manager.all_steps() == [1]
+
+        # A NaN checkpoint from elsewhere (an older version): the sampler refuses it.
+        manager.save(7, args=checkpoint.ocp.args.Composite(
+            state=checkpoint.ocp.args.StandardSave(_at(poisoned, 7).replace(ema_params=None)),
+            ema_params=checkpoint.ocp.args.StandardSave(poisoned.ema_params),
+            meta=checkpoint.ocp.args.JsonSave({"step": 7, "config": config.to_dict()})))
+    _, abstract_params = abstract_unet(config.model)
+    shardings = tree_shardings(make_mesh([("data", -1)]), abstract_params)
+    with pytest.raises(checkpoint.NonFiniteParametersError, match="step 7.*NaN or Inf"):
+        checkpoint.restore_ema_params(workdir, 7, abstract_params, shardings)
+    checkpoint.restore_ema_params(workdir, 1, abstract_params, shardings)
+
+
+def test_missing_workdir_or_step_is_a_clear_error(config, state, tmp_path):
     with pytest.raises(checkpoint.NoCheckpointError, match="not a training workdir"):
         checkpoint.load_config(str(tmp_path))
     with pytest.raises(checkpoint.NoCheckpointError, match="no checkpoint in .*train first"):
         checkpoint.resolve_step(str(tmp_path))
-    state = _place(_state(config), make_mesh([("data", -1)]))
     with checkpoint.make_manager(str(tmp_path)) as manager:
-        checkpoint.save(manager, state.replace(step=jnp.asarray(4, jnp.int32)), config=config)
+        checkpoint.save(manager, _at(state, 4), config=config)
     assert checkpoint.resolve_step(str(tmp_path)) == 4
     assert checkpoint.resolve_step(str(tmp_path), 4) == 4
     with pytest.raises(checkpoint.NoCheckpointError, match=r"step 9 .*available: \[4\]"):

@@ -10,6 +10,7 @@ Workdirs may be local paths or fsspec/epath URLs (`gs://...`): paths go through 
 """
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -144,8 +145,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _param_shapes(tree) -> dict:
+    # Keyed by the names along the path only: a saved tree spells nnx's `.value` as a dict key.
     return {
-        jax.tree_util.keystr(path): tuple(leaf.shape)
+        "/".join(re.findall(r"\w+", jax.tree_util.keystr(path))): tuple(leaf.shape)
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
         if hasattr(leaf, "shape")
     }
@@ -160,8 +162,8 @@ def check_compatible(workdir, step: int, config: ml_collections.ConfigDict,
     now = _flat(_config_json(config).get("model", {}), "model")
     changed = sorted(k for k in saved.keys() | now.keys()
                      if _tuples(saved.get(k)) != _tuples(now.get(k)))
-    with make_manager(workdir, read_only=True) as manager:
-        metadata = manager.item_metadata(step)["ema_params"]
+    metadata = ocp.StandardCheckpointer().metadata(
+        checkpoint_dir(workdir) / str(step) / "ema_params").item_metadata
     saved_shapes, new_shapes = _param_shapes(metadata), _param_shapes(abstract_params)
     shape_changes = sorted(k for k in saved_shapes.keys() | new_shapes.keys()
                            if saved_shapes.get(k) != new_shapes.get(k))
