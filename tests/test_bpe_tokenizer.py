@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from data_pipeline.pipeline import read_captions
-from data_pipeline.shards import expand_shards
+from data_pipeline.input_pipeline import (
+    prepare_tokenizer,
+    read_captions,
+    synthetic_tokenizer_workdir,
+    write_synthetic_data,
+)
 from data_pipeline.synthetic import (
     BACKGROUNDS,
     COLOURS,
@@ -29,7 +33,6 @@ from models.text_encoder import (
     save_bpe_tokenizer,
     train_bpe_tokenizer,
 )
-from train.loop import prepare_tokenizer, synthetic_tokenizer_workdir
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +40,31 @@ def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
     write_synthetic_shards(out, num_samples=400, num_shards=4, seed=0, progress=False,
                            two_shape_prob=0.2)
-    return expand_shards(str(out))
+    return sorted(str(path) for path in out.glob("*.tar"))
+
+
+def _tar_data(paths):
+    return ml_collections.ConfigDict({"source": "tar", "paths": ",".join(paths),
+                                      "storage_options": "", "caption_json_field": "caption"})
 
 
 @pytest.fixture(scope="module")
 def captions(shards):
-    return read_captions(shards, 400)
+    return read_captions(_tar_data(shards), 400)
 
 
 def test_read_captions_follows_shard_order_and_limit(shards, captions):
     assert len(captions) == 400 and all(isinstance(c, str) and c for c in captions)
-    assert read_captions(shards, 50) == captions[:50]
+    assert read_captions(_tar_data(shards), 50) == captions[:50]
     # The second shard's captions follow the first's.
-    assert read_captions(shards[1:], 10) == captions[100:110]
+    assert read_captions(_tar_data(shards[1:]), 10) == captions[100:110]
+
+
+def _tar_config(shards):
+    config = tiny.get_config()
+    config.data.source = "tar"
+    config.data.paths = ",".join(shards)
+    return config
 
 
 def test_every_caption_word_is_one_token(captions):
@@ -109,24 +124,24 @@ def test_saved_tokenizer_round_trips_into_the_encoder(tmp_path, captions):
 
 
 def test_training_trains_once_and_never_replaces_a_saved_tokenizer(tmp_path, shards):
-    config = tiny.get_config()
     workdir = str(tmp_path)
-    prepare_tokenizer(config, workdir, shards)
+    prepare_tokenizer(_tar_config(shards), workdir)
     path = os.path.join(workdir, TOKENIZER_FILE)
     first = load_bpe_tokenizer(workdir, 32)
     assert first([prompt_for("red", "circle", "top left")])[0, 7] == 1
     # A resumed run reads the saved tokenizer: ids must not move under a checkpoint, even if
     # the shards (here: fewer of them) would train a different one.
     os.utime(path, (1, 1))
-    prepare_tokenizer(config, workdir, shards[:1])
+    prepare_tokenizer(_tar_config(shards[:1]), workdir)
     assert os.stat(path).st_mtime == 1
 
 
 def test_a_max_length_that_cuts_synthetic_captions_is_an_error(tmp_path, shards):
     config = tiny.get_config()
     config.model.text_encoder.max_length = 9
+    write_synthetic_data(config, str(tmp_path))
     with pytest.raises(ValueError, match="max_length=9 would truncate"):
-        prepare_tokenizer(config, str(tmp_path), shards)
+        prepare_tokenizer(config, str(tmp_path))
     assert not os.path.exists(tmp_path / TOKENIZER_FILE)
 
 

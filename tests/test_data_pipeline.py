@@ -1,5 +1,6 @@
 """The Grain input pipeline: batches, global order, hosts, and exact resume for every source."""
 
+import functools
 import io
 import json
 
@@ -71,6 +72,18 @@ def tar_dir(tmp_path_factory):
     return str(directory)
 
 
+@pytest.fixture(scope="module")
+def synthetic_workdir(tmp_path_factory):
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.data.synthetic_num_samples = NUM_RECORDS
+    config.data.synthetic_num_shards = 2
+    workdir = str(tmp_path_factory.mktemp("synthetic_workdir"))
+    input_pipeline.write_synthetic_data(config, workdir)
+    return workdir
+
+
 def _config_for(source, record_dir, tar_dir):
     return _data_config(source, paths=tar_dir if source == "tar" else record_dir)
 
@@ -119,10 +132,11 @@ def test_caption_choice_varies_but_is_reproducible(record_dir):
     assert any(c.startswith("also") for c in flat) and any(c.startswith("sample") for c in flat)
 
 
-@pytest.mark.parametrize("source", ["arrayrecord", "tar"])
+@pytest.mark.parametrize("source", ["synthetic", "arrayrecord", "tar"])
 @pytest.mark.parametrize("stop_after", [3, 5, 7])  # mid-epoch, just after the epoch end, later
-def test_resume_continues_exactly(source, stop_after, record_dir, tar_dir):
+def test_resume_continues_exactly(source, stop_after, record_dir, tar_dir, synthetic_workdir):
     config = _config_for(source, record_dir, tar_dir)
+    _iterator = functools.partial(globals()["_iterator"], workdir=synthetic_workdir)
     with _iterator(config) as iterator:
         expected = _keys(iterator, 12)
     with _iterator(config) as iterator:
@@ -242,3 +256,31 @@ def test_synthetic_source_writes_array_records_once_and_reads_them(tmp_path):
                              batch_size=8, seed=0) as iterator:
         keys = sum(_keys(iterator, 3), [])
     assert sorted(int(k.split("/")[1]) for k in keys) == list(range(24))
+
+
+def test_prepare_inputs_writes_the_demo_data_and_tokenizer_once(tmp_path):
+    from configs import tiny
+    from models.text_encoder import TOKENIZER_FILE
+
+    config = tiny.get_config()
+    config.data.synthetic_num_samples = 48
+    config.data.synthetic_num_shards = 2
+    input_pipeline.prepare_inputs(config, str(tmp_path))
+    written = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert written == ["dataset_info.json", "synthetic-00000-of-00002.array_record",
+                       "synthetic-00001-of-00002.array_record"]
+    tokenizer = tmp_path / TOKENIZER_FILE
+    assert tokenizer.exists()
+    stamp = tokenizer.stat().st_mtime_ns
+    input_pipeline.prepare_inputs(config, str(tmp_path))
+    assert tokenizer.stat().st_mtime_ns == stamp
+
+
+def test_prepare_inputs_names_paths_that_match_nothing(tmp_path):
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.data.source = "arrayrecord"
+    config.data.paths = str(tmp_path / "nothing-*.array_record")
+    with pytest.raises(FileNotFoundError, match="nothing-"):
+        input_pipeline.prepare_inputs(config, str(tmp_path))
