@@ -308,3 +308,21 @@ def test_cli_writes_shards_and_prints_the_summary(sidecar_folder, tmp_path):
     assert "wrote 3 of 8 images into 1 tar shards" in result.stdout
     assert "skipped broken.jpg: decode" in result.stderr
     assert len(_read_samples(str(tmp_path / "out"), "tar")) == 3
+
+
+def test_nothing_usable_is_an_error_and_output_inside_input_is_not_read(tmp_path):
+    root = tmp_path / "images"
+    _write(str(root / "a.jpg"), b"junk")
+    _write(str(root / "a.txt"), "a caption")
+    with pytest.raises(UsageError, match=r"no usable images .*all 1 skipped \(decode 1\)"):
+        prepare(str(root), str(tmp_path / "out"), progress=False)
+    _write(str(root / "b.png"), _image_bytes(format="PNG"))
+    _write(str(root / "b.txt"), "b caption")
+    inside = root / "shards"
+    prepare(str(root), str(inside), output_format="tar", progress=False)
+    # A second run must not take the first run's output folder for input.
+    _write(str(inside / "stray.png"), _image_bytes(format="PNG"))
+    _write(str(inside / "stray.txt"), "would be read if the output were walked")
+    summary = prepare(str(root), str(inside), output_format="tar", overwrite=True,
+                      progress=False)
+    assert summary["inputs"] == 2 and summary["written"] == 1
