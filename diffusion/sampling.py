@@ -340,3 +340,69 @@ def make_solver(
         raise ValueError(f"eta must be >= 0, got {eta}")
     return SOLVERS[name](schedule, prediction_type, int(num_steps), timestep_spacing,
                          karras=karras_sigmas, eta=float(eta), steps_offset=steps_offset)
+
+
+def image_keys(seeds, image_indices):
+    """One PRNG key per image from (seed, image index): an image's noise depends on nothing
+    else (not its batch, position or device)."""
+    seeds = jnp.asarray(seeds, jnp.uint32)
+    image_indices = jnp.asarray(image_indices, jnp.uint32)
+    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(
+        seeds, image_indices)
+
+
+def make_denoise_fn(apply_fn, solver: Solver, image_shape, *, guidance_rescale: float = 0.0):
+    """denoise(params, cond, uncond, seeds, image_indices, cfg_scales) -> images in [-1, 1].
+
+    apply_fn(params, x, t [B], text) -> model output, where text is a pytree of per-example
+    conditioning ({"hidden", "pooled"} for the project's UNet). cond / uncond: the prompts' and
+    the negative prompts' conditioning; seeds / image_indices: [B] ints; cfg_scales: [B]
+    floats. Guidance runs conditional and unconditional halves as one call, each example next
+    to its own unconditional twin, so a batch split over devices never moves data between them.
+    """
+    from diffusion.guidance import classifier_free_guidance
+
+    def per_image_normal(keys, index):
+        return jax.vmap(
+            lambda key: jax.random.normal(jax.random.fold_in(key, index), image_shape))(keys)
+
+    def interleave(a, b):
+        return jnp.stack([a, b], axis=1).reshape((-1, *a.shape[1:]))
+
+    def denoise(params, cond, uncond, seeds, image_indices, cfg_scales):
+        keys = image_keys(seeds, image_indices)
+        batch = keys.shape[0]
+        scales = jnp.asarray(cfg_scales, jnp.float32).reshape((batch,) + (1,) * len(image_shape))
+        text = jax.tree_util.tree_map(interleave, cond, uncond)
+
+        def model_fn(x, t):
+            t_both = jnp.full((2 * batch,), t, jnp.float32)
+            both = apply_fn(params, interleave(x, x), t_both, text)
+            both = both.reshape((batch, 2, *both.shape[1:]))
+            return classifier_free_guidance(both[:, 0], both[:, 1], scales,
+                                            guidance_rescale=guidance_rescale)
+
+        noise = per_image_normal(keys, 0)
+        images = run_solver(solver, model_fn, noise, lambda i: per_image_normal(keys, i + 1))
+        return jnp.clip(images, -1.0, 1.0)
+
+    return denoise
+
+
+def to_uint8(images) -> np.ndarray:
+    """Images in [-1, 1] (the data scaling) to uint8 on the host."""
+    images = np.asarray(jax.device_get(images), np.float32)
+    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """Tile [N,H,W,C] uint8 images into one image with a 1-pixel white gap."""
+    count, height, width, channels = images.shape
+    columns = columns or int(np.ceil(np.sqrt(count)))
+    rows = int(np.ceil(count / columns))
+    grid = np.full((rows * (height + 1) + 1, columns * (width + 1) + 1, channels), 255, np.uint8)
+    for index, image in enumerate(images):
+        r, c = divmod(index, columns)
+        grid[1 + r * (height + 1): 1 + r * (height + 1) + height,
+             1 + c * (width + 1): 1 + c * (width + 1) + width] = image
+    return grid

@@ -136,3 +136,15 @@ def alphas_cumprod_at(schedule: NoiseSchedule, t, ndim: int) -> jnp.ndarray:
     # Negative indices would wrap around; clamp them, then overwrite those entries with 1.
     values = jnp.where(t >= 0, jnp.take(schedule.alphas_cumprod, jnp.maximum(t, 0)), 1.0)
     return _broadcast_over_batch(values, ndim)
+
+
+def schedule_from_config(diffusion_config) -> NoiseSchedule:
+    """The schedule a `config.diffusion` section describes (the one place that reads it, so
+    training and sampling build the same schedule)."""
+    return make_schedule(
+        diffusion_config.schedule,
+        diffusion_config.num_train_timesteps,
+        diffusion_config.beta_start,
+        diffusion_config.beta_end,
+        rescale_zero_terminal_snr=bool(diffusion_config.get("rescale_zero_terminal_snr", False)),
+    )

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from data_pipeline.pipeline import make_train_iterator, read_captions
 from data_pipeline.shards import expand_shards
 from data_pipeline.synthetic import sample_captions, write_synthetic_shards
+from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
 from diffusion.schedules import make_schedule
 from models.factory import (
     abstract_unet,
@@ -26,7 +27,6 @@ from models.text_encoder import (
     train_bpe_tokenizer,
     uses_bpe_tokenizer,
 )
-from sample.denoise import denoise_fn_from_config, image_grid, image_keys, to_uint8
 from train import checkpoint, lock
 from train.config_check import validate_config
 from train.metrics import MetricWriter
@@ -472,18 +472,34 @@ def _counters(data_iter) -> dict:
 
 
 def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, encode_text, text_params):
-    """EMA samples for config.train.sample_prompts, tiled into one grid image."""
+    """EMA samples for config.train.sample_prompts with the config's solver, tiled into a grid."""
+    from flax import nnx
+
     prompts = list(config.train.sample_prompts)
     if not prompts:
         return lambda params: np.zeros((1, 1, 3), np.uint8)
     encode = jax.jit(encode_text)
     context = encode(text_params, jnp.asarray(tokenizer(prompts)))
     uncond = encode(text_params, jnp.asarray(tokenizer([""] * len(prompts))))
-    keys = image_keys(config.seed, np.arange(len(prompts)))
-    denoise = jax.jit(denoise_fn_from_config(unet_graphdef, schedule, config))
+    sample = config.sample
+    solver = make_solver(sample.sampler, schedule, config.diffusion.prediction_type,
+                         sample.steps, timestep_spacing=sample.timestep_spacing,
+                         karras_sigmas=sample.get("karras_sigmas", False), eta=sample.eta)
+
+    def apply(params, x, t, text):
+        unet = nnx.merge(unet_graphdef, params)
+        return unet(x, t, text["hidden"], class_labels=text["pooled"])
+
+    size, channels = config.data.image_size, config.model.unet.out_channels
+    denoise = jax.jit(make_denoise_fn(apply, solver, (size, size, channels),
+                                      guidance_rescale=sample.get("guidance_rescale", 0.0)))
+    count = len(prompts)
+    seeds = np.full((count,), config.seed, np.uint32)
+    indices = np.arange(count, dtype=np.uint32)
+    scales = np.full((count,), sample.cfg_scale, np.float32)
 
     def grid(ema_params):
-        images = to_uint8(denoise(ema_params, context, uncond, keys))
-        return image_grid(images, columns=len(prompts))
+        images = to_uint8(denoise(ema_params, context, uncond, seeds, indices, scales))
+        return image_grid(images, columns=count)
 
     return grid
