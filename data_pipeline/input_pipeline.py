@@ -328,17 +328,27 @@ class TrainIterator:
         self._counters = collections.Counter(saved["counters"])
 
     def _resume_position(self, saved: dict) -> dict | None:
-        same_layout = (saved["process_count"] == self._process_count
-                       and saved["process_index"] == self._process_index
-                       and saved["batch_size"] == self._batch_size)
-        if same_layout or saved["position"] is None:
-            return saved["position"]
+        if saved["position"] is None:
+            return None
+        same_hosts = (saved["process_count"] == self._process_count
+                      and saved["process_index"] == self._process_index)
         if self._identity["source"] == "tar":
+            if not same_hosts:
+                raise ValueError(
+                    f"tar shards are split over hosts, so a data state saved by process "
+                    f"{saved['process_index']} of {saved['process_count']} cannot be resumed by "
+                    f"process {self._process_index} of {self._process_count}; resume with "
+                    f"{saved['process_count']} processes"
+                )
+            return saved["position"]  # a stream position: any batch size continues from it
+        if same_hosts and saved["batch_size"] == self._batch_size:
+            return saved["position"]
+        saved_global = saved["batch_size"] * saved["process_count"]
+        if saved_global != self._batch_size * self._process_count:
             raise ValueError(
-                f"tar shards are split over hosts, so a data state saved by process "
-                f"{saved['process_index']} of {saved['process_count']} cannot be resumed by "
-                f"process {self._process_index} of {self._process_count}; resume with "
-                f"{saved['process_count']} processes"
+                f"the data state was saved with a global batch of {saved_global} examples, this "
+                f"run's is {self._batch_size * self._process_count}; the position in batches "
+                "cannot be carried over"
             )
         # Random access: the position is global batch `batches`, whatever the layout. Records
         # skipped before it pulled this host's reads further ahead than its slices; those extra

@@ -180,6 +180,9 @@ def test_random_access_state_resumes_with_another_process_count(record_dir):
     with _iterator(config) as resumed:
         resumed.set_state(state)
         assert _keys(resumed, 3) == expected[6:]
+    with _iterator(config, batch_size=4) as other, pytest.raises(ValueError,
+                                                                 match="global batch of 8"):
+        other.set_state(state)
 
 
 def test_tar_hosts_read_disjoint_shards_and_refuse_another_process_count(tar_dir):
