@@ -8,7 +8,6 @@ need no seeking or Range requests.
 
 from __future__ import annotations
 
-import glob
 import io
 import os
 import re
@@ -18,103 +17,18 @@ from collections.abc import Iterator, Sequence
 from typing import IO
 
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-_RANGE_RE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
 def is_url(path: str) -> bool:
     return bool(_URL_RE.match(path))
 
 
-def _split_top_level_commas(spec: str) -> list[str]:
-    """Split on commas outside braces, so `a-{0,1}.tar,b.tar` keeps its brace list intact."""
-    parts, depth, current = [], 0, []
-    for char in spec:
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth = max(depth - 1, 0)
-        if char == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return [part.strip() for part in parts if part.strip()]
+def expand_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Tar shard paths or URLs of a spec: see sources.expand_paths (directories list *.tar).
+    Raises FileNotFoundError naming the part that matches nothing."""
+    from data_pipeline.sources import expand_paths
 
-
-def _expand_braces(pattern: str) -> list[str]:
-    """Expand `{00000..00009}` ranges (zero padding kept) and `{a,b}` lists, left to right."""
-    start = pattern.find("{")
-    if start < 0:
-        return [pattern]
-    depth = 0
-    for end in range(start, len(pattern)):
-        if pattern[end] == "{":
-            depth += 1
-        elif pattern[end] == "}":
-            depth -= 1
-            if depth == 0:
-                break
-    else:
-        raise ValueError(f"unbalanced '{{' in shard spec {pattern!r}")
-    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
-    range_match = _RANGE_RE.match(body)
-    if range_match:
-        first_text, last_text = range_match.groups()
-        first, last = int(first_text), int(last_text)
-        width = len(first_text) if first_text.startswith("0") and len(first_text) > 1 else 0
-        step = 1 if last >= first else -1
-        choices = [str(i).zfill(width) for i in range(first, last + step, step)]
-    else:
-        choices = _split_top_level_commas(body) if "," in body else ["{" + body + "}"]
-    return [head + choice + rest for choice in choices for rest in _expand_braces(tail)]
-
-
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Turn a shard spec into a list of shard paths or URLs.
-
-    Accepts a directory (its `*.tar`, sorted), a glob, brace ranges
-    (`shard-{00000..00009}.tar`), a comma-separated list of any of these, or a sequence of them.
-    URLs are passed through after brace expansion (listing remote buckets is left to the user).
-    Raises FileNotFoundError naming the spec when a part matches nothing.
-    """
-    if isinstance(spec, os.PathLike):
-        spec = os.fspath(spec)
-    if not isinstance(spec, str):
-        shards: list[str] = []
-        for item in spec:
-            shards.extend(expand_shards(item))
-        if not shards:
-            raise FileNotFoundError(f"no shards in shard spec {list(spec)!r}")
-        return shards
-
-    parts = _split_top_level_commas(spec)
-    if not parts:
-        raise FileNotFoundError(f"empty shard spec {spec!r}")
-    shards = []
-    for part in parts:
-        for candidate in _expand_braces(part):
-            if is_url(candidate):
-                shards.append(candidate)
-            elif os.path.isdir(candidate):
-                found = sorted(glob.glob(os.path.join(glob.escape(candidate), "*.tar")))
-                if not found:
-                    raise FileNotFoundError(
-                        f"shard spec {spec!r}: directory {candidate!r} holds no *.tar files"
-                    )
-                shards.extend(found)
-            elif glob.has_magic(candidate):
-                found = sorted(path for path in glob.glob(candidate) if os.path.isfile(path))
-                if not found:
-                    raise FileNotFoundError(
-                        f"shard spec {spec!r}: pattern {candidate!r} matches no files"
-                    )
-                shards.extend(found)
-            elif os.path.isfile(candidate):
-                shards.append(candidate)
-            else:
-                raise FileNotFoundError(f"shard spec {spec!r}: no such shard {candidate!r}")
-    return shards
+    return expand_paths(spec, patterns=("*.tar",))
 
 
 def open_stream(url_or_path: str, storage_options: dict | None = None) -> IO[bytes]:

@@ -73,11 +73,13 @@ def expand_paths(
     paths: list[str] = []
     for part in parts:
         for candidate in braceexpand.braceexpand(part):
-            paths.extend(_expand_one(candidate, patterns, storage_options or {}))
+            paths.extend(_expand_one(candidate, part, patterns, storage_options or {}))
     return paths
 
 
-def _expand_one(candidate: str, patterns: Sequence[str], storage_options: dict) -> list[str]:
+def _expand_one(candidate: str, part: str, patterns: Sequence[str],
+                storage_options: dict) -> list[str]:
+    where = f"data.paths part {part!r}" if part != candidate else "data.paths"
     if is_url(candidate) and not candidate.startswith("file://"):
         if not glob.has_magic(candidate) or candidate.startswith(("http://", "https://")):
             return [candidate]
@@ -87,7 +89,7 @@ def _expand_one(candidate: str, patterns: Sequence[str], storage_options: dict) 
         protocol = candidate.split("://", 1)[0]
         found = sorted(f"{protocol}://{path}" for path in filesystem.glob(candidate))
         if not found:
-            raise FileNotFoundError(f"data.paths: pattern {candidate!r} matches no files")
+            raise FileNotFoundError(f"{where}: pattern {candidate!r} matches no files")
         return found
     candidate = candidate.removeprefix("file://")
     if os.path.isdir(candidate):
@@ -99,16 +101,16 @@ def _expand_one(candidate: str, patterns: Sequence[str], storage_options: dict) 
         })
         if not found:
             raise FileNotFoundError(
-                f"data.paths: directory {candidate!r} holds no {' / '.join(patterns)} files"
+                f"{where}: directory {candidate!r} holds no {' / '.join(patterns)} files"
             )
         return found
     if glob.has_magic(candidate):
         found = sorted(path for path in glob.glob(candidate) if os.path.isfile(path))
         if not found:
-            raise FileNotFoundError(f"data.paths: pattern {candidate!r} matches no files")
+            raise FileNotFoundError(f"{where}: pattern {candidate!r} matches no files")
         return found
     if not os.path.isfile(candidate):
-        raise FileNotFoundError(f"data.paths: no such file {candidate!r}")
+        raise FileNotFoundError(f"{where}: no such file {candidate!r}")
     return [candidate]
 
 
