@@ -369,6 +369,9 @@ class TrainIterator:
         self._closed = True
         if self._iterator is not None:
             self._iterator.close()
+            # Dropped now: Grain's iterators close again when collected, which fails if that
+            # happens during interpreter shutdown.
+            self._iterator = None
 
     def __enter__(self) -> TrainIterator:
         return self
