@@ -1,8 +1,6 @@
 """The training loop: data -> jitted step -> metrics, sample grids and Orbax checkpoints."""
 
 import contextlib
-import os
-import tempfile
 import time
 
 import jax
@@ -13,147 +11,24 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from data_pipeline.pipeline import make_train_iterator, read_captions
-from data_pipeline.shards import expand_shards
-from data_pipeline.synthetic import sample_captions, write_synthetic_shards
+from data_pipeline import input_pipeline
 from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
-from diffusion.schedules import make_schedule
-from models.factory import (
-    abstract_unet,
-)
-from models.text_encoder import (
-    TOKENIZER_FILE,
-    save_bpe_tokenizer,
-    train_bpe_tokenizer,
-    uses_bpe_tokenizer,
-)
-from train import checkpoint, lock
+from models.factory import abstract_unet
+from train import checkpoint, lock, setup
 from train.config_check import validate_config
 from train.metrics import MetricWriter
 from train.preemption import PreemptionWatch
 from train.setup import build_run
-from train.sharding import (
-    data_parallel_size,
-    make_mesh,
-)
+from train.sharding import data_parallel_size, make_mesh
 
-SYNTHETIC_DIR = "data"
+# Moved to their owners; importable from here until the benches and tests that still name
+# train.loop import them from data_pipeline.input_pipeline and train.setup.
+synthetic_tokenizer_workdir = input_pipeline.synthetic_tokenizer_workdir
+schedule_from_config = setup.schedule_from_config
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training diverged (too many non-finite steps in a row); the last good checkpoint is kept."""
-
-
-def schedule_from_config(config: ml_collections.ConfigDict):
-    d = config.diffusion
-    return make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end)
-
-
-def held_out_combinations(config: ml_collections.ConfigDict) -> tuple[tuple[str, str], ...]:
-    """config.data.synthetic_held_out ("red triangle", ...) as (colour, shape) pairs."""
-    return tuple(tuple(item.split()) for item in config.data.synthetic_held_out)
-
-
-def resolve_shards(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-    """The shard list to stream; for the synthetic source, writes the demo shards once."""
-    if config.data.source == "tar":
-        return expand_shards(config.data.shards)
-    data_dir = os.path.join(workdir, SYNTHETIC_DIR)
-    info = os.path.join(data_dir, "dataset_info.json")
-    if jax.process_index() == 0 and not os.path.exists(info):
-        logging.info("writing the synthetic demo dataset to %s", data_dir)
-        write_synthetic_shards(
-            data_dir,
-            num_samples=config.data.synthetic_num_samples,
-            num_shards=config.data.synthetic_num_shards,
-            image_size=config.data.image_size,
-            seed=config.seed,
-            two_shape_prob=config.data.synthetic_two_shape_prob,
-            held_out=held_out_combinations(config),
-        )
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("synthetic_shards_written")
-    return expand_shards(data_dir)
-
-
-def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str, shards) -> None:
-    """For the demo encoder's "bpe" tokenizer: train it on the first captions of the shards and
-    save it in the workdir, once. A resumed run (or the sampler) reads the saved one, so token
-    ids never change under a checkpoint."""
-    text = config.model.text_encoder
-    if not uses_bpe_tokenizer(text):
-        return
-    path = os.path.join(workdir, TOKENIZER_FILE)
-    if jax.process_index() == 0 and not os.path.exists(path):
-        start = time.time()
-        captions = read_captions(shards, text.bpe_train_captions, seed=config.seed)
-        if not captions:
-            raise ValueError(f"no captions in the shards to train the BPE tokenizer on: {shards}")
-        tokenizer = train_bpe_tokenizer(captions, text.bpe_vocab_size, text.max_length)
-        lengths = np.array([len(ids) for ids in tokenizer.tokenizer(captions)["input_ids"]])
-        too_long = int((lengths > text.max_length).sum())
-        logging.info(
-            "trained a byte-level BPE tokenizer on %d captions in %.1fs: %d tokens, captions "
-            "%d-%d tokens (mean %.1f) with the end token; max_length %d",
-            len(captions), time.time() - start, tokenizer.vocab_size, lengths.min(),
-            lengths.max(), lengths.mean(), text.max_length,
-        )
-        if too_long and config.data.source == "synthetic":
-            raise ValueError(
-                f"config.model.text_encoder.max_length={text.max_length} would truncate "
-                f"{too_long} of {len(captions)} synthetic captions (the longest is "
-                f"{lengths.max()} BPE tokens with the end token)"
-            )
-        if too_long:
-            logging.warning("%d of %d captions (%.1f%%) are longer than max_length=%d tokens "
-                            "and will be truncated", too_long, len(captions),
-                            100 * too_long / len(captions), text.max_length)
-        save_bpe_tokenizer(tokenizer, workdir)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("bpe_tokenizer_written")
-
-
-def synthetic_tokenizer_workdir(config: ml_collections.ConfigDict, num_captions: int = 5000) -> str:
-    """A scratch workdir with the BPE tokenizer a training run on the synthetic data would write
-    (trained on `num_captions` generated captions): for benchmarks and tests that build the demo
-    encoder without a training run. Nothing is written for other tokenizers."""
-    workdir = tempfile.mkdtemp(prefix="t2i_tokenizer_")
-    text = config.model.text_encoder
-    if uses_bpe_tokenizer(text):
-        captions = sample_captions(num_captions, seed=config.seed,
-                                   two_shape_prob=config.data.synthetic_two_shape_prob,
-                                   held_out=held_out_combinations(config))
-        save_bpe_tokenizer(train_bpe_tokenizer(captions, text.bpe_vocab_size, text.max_length),
-                           workdir)
-    return workdir
-
-
-def _log_compiled(compiled, num_devices: int) -> dict:
-    figures = {}
-    try:
-        memory = compiled.memory_analysis()
-        if memory is not None:
-            figures["memory_bytes_per_device"] = int(
-                memory.argument_size_in_bytes
-                + memory.output_size_in_bytes
-                + memory.temp_size_in_bytes
-                - memory.alias_size_in_bytes
-            )
-    except Exception:  # not every backend reports memory
-        pass
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        if cost and "flops" in cost:
-            figures["flops_per_step_per_device"] = float(cost["flops"])
-    except Exception:
-        pass
-    logging.info(
-        "compiled train step on %d devices (per device): %s",
-        num_devices,
-        ", ".join(f"{k}={v:.4g}" for k, v in figures.items()) or "no cost figures",
-    )
-    return figures
 
 
 def _global_batch(local_batch: dict, sharding) -> dict:
@@ -308,8 +183,7 @@ def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemptio
         workdir, keep=train_cfg.keep_checkpoints, keep_period=train_cfg.get("keep_period", 0))
     if latest is not None:
         state, _ = checkpoint.restore_state(manager, latest, abstract_state, state_shardings)
-        if _has_position(data_iter) and not checkpoint.restore_data_iter(
-                manager, latest, data_iter):
+        if not checkpoint.restore_data_iter(manager, latest, data_iter):
             logging.warning("checkpoint %d has no data-iterator position: the data order "
                             "restarts from the beginning", latest)
         logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), latest)
@@ -364,8 +238,8 @@ def _train_loop(config, workdir, *, state, compiled_step, text_params, data_iter
         nonlocal last_saved
         try:
             checkpoint.save(manager, state, config=config,
-                            data_iter=data_iter if _has_position(data_iter) else None,
-                            data_counters=_counters(data_iter), force=force)
+                            data_iter=data_iter, data_counters=data_iter.counters(),
+                            force=force)
         except checkpoint.NonFiniteParametersError as error:
             raise NonFiniteLossError(
                 f"{error} (step {done}); the last good checkpoint (step {last_saved}) is kept"
@@ -402,7 +276,7 @@ def _train_loop(config, workdir, *, state, compiled_step, text_params, data_iter
                         scalars["train/tflops_per_device"] = flops / step_seconds / 1e12
                     if peak:
                         scalars["train/mfu"] = flops / step_seconds / peak
-                    scalars.update({f"data/{k}": v for k, v in _counters(data_iter).items()})
+                    scalars.update({f"data/{k}": v for k, v in data_iter.counters().items()})
                     writer.scalars(done, scalars)
                     progress.set_postfix(
                         loss=f"{float(metrics['loss']):.4f}", img_s=f"{images_per_sec:.0f}"
@@ -436,39 +310,20 @@ def _train_loop(config, workdir, *, state, compiled_step, text_params, data_iter
         progress.close()
         writer.close()
     summary["step"] = int(jax.device_get(state.step))
-    summary["data"] = _counters(data_iter)
+    summary["data"] = data_iter.counters()
     return summary
 
 
 def _prepare_inputs(config, workdir) -> None:
     """What the data source needs on disk before its iterator starts (process 0, then a barrier)."""
-    shards = resolve_shards(config, str(workdir))
-    prepare_tokenizer(config, str(workdir), shards)
+    input_pipeline.prepare_inputs(config, str(workdir))
 
 
 def _open_data(config, workdir, tokenizer, batch_per_process: int):
-    return make_train_iterator(
-        expand_shards(config.data.shards) if config.data.source == "tar"
-        else expand_shards(os.path.join(str(workdir), SYNTHETIC_DIR)),
-        batch_size=batch_per_process,
-        image_size=config.data.image_size,
-        tokenizer=tokenizer,
-        seed=config.seed,
-        shuffle_buffer=config.data.shuffle_buffer,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        prefetch=config.data.prefetch,
-    )
-
-
-def _has_position(data_iter) -> bool:
-    return hasattr(data_iter, "get_state")
-
-
-def _counters(data_iter) -> dict:
-    if hasattr(data_iter, "counters"):
-        return dict(data_iter.counters())
-    return data_iter.stats.as_dict()
+    return input_pipeline.make_train_iterator(
+        config.data, workdir=str(workdir), tokenizer=tokenizer, batch_size=batch_per_process,
+        seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
 
 
 def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, encode_text, text_params):
