@@ -1,55 +1,79 @@
-"""python -m sample --workdir DIR --prompt "a red circle in the top left" --out OUTDIR"""
+"""Sample PNGs from a training workdir.
+
+    python -m sample --workdir DIR --prompt "a red circle in the top left" --out OUTDIR
+    python -m sample --workdir DIR --prompts_file prompts.jsonl --out OUTDIR \
+        --sampler dpmpp_2m --steps 20 --karras_sigmas
+
+Several hosts: the same command on each, plus --coordinator_address HOST:PORT
+--num_processes N --process_id I; every host writes its own share into the shared --out.
+"""
 
 import sys
 
 from absl import app, flags
 
+from diffusion.sampling import SOLVER_NAMES
+from diffusion.solvers import TIMESTEP_SPACINGS
+from train.distributed import define_distributed_flags, initialize
 from train.host_devices import apply_cpu_devices_flag, define_cpu_devices_flag
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for PNGs, grid.png, manifest.jsonl.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for several.")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts_file", None,
+    "One prompt per line, or JSONL with per-line prompt, negative_prompt, seed, cfg_scale, "
+    "num_images, steps.")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", "", "Prompt steered away from under CFG.")
 _NUM = flags.DEFINE_integer("num_images_per_prompt", 1, "Images per prompt.")
 _CFG = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the config's).")
+_RESCALE = flags.DEFINE_float("guidance_rescale", None, "Guidance rescale in [0, 1].")
 _STEPS = flags.DEFINE_integer("steps", None, "Solver steps (default: the config's).")
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Solver (default: config's).")
+_SAMPLER = flags.DEFINE_enum("sampler", None, list(SOLVER_NAMES), "Solver (default: config's).")
+_KARRAS = flags.DEFINE_boolean("karras_sigmas", None, "Karras sigma spacing (sigma solvers).")
+_SPACING = flags.DEFINE_enum("timestep_spacing", None, list(TIMESTEP_SPACINGS),
+                             "Timestep spacing (default: the config's).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
-_SEED = flags.DEFINE_integer("seed", None, "Seed (default: the config's).")
+_SEED = flags.DEFINE_integer("seed", None, "Base seed; prompt i uses seed + i unless its JSONL "
+                             "line sets one (default: the config's).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Images per device batch (all devices).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Images per device per batch.")
+_GRID = flags.DEFINE_boolean("grid", True, "Also write grid.png of the first 64 images.")
 flags.mark_flags_as_required(["workdir", "out"])
 _CPU_DEVICES = define_cpu_devices_flag()
+_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     apply_cpu_devices_flag(_CPU_DEVICES.value)
-    from sample.pipeline import (
-        generate,
-        load_model,
-        options_from_config,
-        read_prompts,
-        write_outputs,
-    )
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from sample.pipeline import load_model, options_from_config, sample_to_dir
+    from sample.prompts import check_settings, scan_prompts
     from train.log_setup import setup_logging
 
     setup_logging()
-    prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
-    if _NUM.value < 1:
-        raise app.UsageError("--num_images_per_prompt must be >= 1")
+    if _BATCH.value is not None and _BATCH.value < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {_BATCH.value}")
+    if _STEPS.value is not None and _STEPS.value < 1:
+        raise ValueError(f"--steps must be >= 1, got {_STEPS.value}")
+    if _RESCALE.value is not None and not 0 <= _RESCALE.value <= 1:
+        raise ValueError(f"--guidance_rescale must be in [0, 1], got {_RESCALE.value}")
+    check_settings("flags", seed=_SEED.value or 0, cfg_scale=_CFG.value or 0.0,
+                   num_images=_NUM.value, steps=_STEPS.value or 1)
     model = load_model(_WORKDIR.value, _STEP.value)
     options = options_from_config(
         model.config, sampler=_SAMPLER.value, steps=_STEPS.value, cfg_scale=_CFG.value,
         eta=_ETA.value, seed=_SEED.value, num_images_per_prompt=_NUM.value,
-        negative_prompt=_NEGATIVE.value,
-    )
-    images, records = generate(model, prompts, options, batch_size=_BATCH.value)
-    written = write_outputs(_OUT.value, images, records, columns=_NUM.value)
-    print(f"wrote {written['count']} images from checkpoint step {model.step} to {_OUT.value} "
-          f"(grid: {written['grid']})")
+        negative_prompt=_NEGATIVE.value, karras_sigmas=_KARRAS.value,
+        guidance_rescale=_RESCALE.value, timestep_spacing=_SPACING.value)
+    scan_prompts(_PROMPT.value, _PROMPTS_FILE.value, options.defaults())
+    summary = sample_to_dir(model, _PROMPT.value, _PROMPTS_FILE.value, options, _OUT.value,
+                            batch_size=_BATCH.value, grid=_GRID.value)
+    print(f"sampled {summary['sampled']} of {summary['images']} images "
+          f"({summary['skipped']} already in {_OUT.value}) from checkpoint step {model.step}; "
+          f"manifest: {summary['manifest']}")
 
 
 def run():
@@ -58,8 +82,9 @@ def run():
     except SystemExit:
         raise
     except (FileNotFoundError, ValueError) as error:
-        # Known user errors (no checkpoint, empty prompt list) end with one clear line.
-        print(f"sample: error: {error}", file=sys.stderr)
+        # Known user errors (no checkpoint, bad prompts file, bad setting) end with one line.
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"sample: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

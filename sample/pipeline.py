@@ -1,27 +1,59 @@
-"""Sampling from a training workdir: restore EMA weights, encode prompts, denoise, write files."""
+"""Sampling from a training workdir: restore the EMA UNet, stream prompts, batch them over all
+devices of all hosts, write PNGs and a manifest as batches finish.
+
+The denoising loop itself is `diffusion.sampling`; this module is I/O and batching.
+
+Determinism: image (prompt, seed, image index) gets the key fold_in(PRNGKey(seed), image index)
+and is computed by the same per-device program whatever the device or host count (the loop runs
+under shard_map, one per-device batch of `batch_size` images, conditional and unconditional
+halves side by side on the same device), so it is bitwise identical on CPU for a given
+per-device batch size. Across per-device batch sizes XLA may order float reductions
+differently: measured, at most one uint8 level on a few pixels.
+"""
+
+from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from diffusion.schedules import make_schedule
+from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
+from diffusion.schedules import schedule_from_config
 from models.factory import abstract_unet, build_frozen_text_encoder, text_conditioning_fn
-from sample.denoise import denoise_fn_from_config, image_grid, image_keys, to_uint8
+from sample.prompts import (
+    EmptyPromptListError,
+    PromptDefaults,
+    PromptSpec,
+    iter_prompt_specs,
+    scan_prompts,
+)
 from train import checkpoint
-from train.sharding import batch_sharding, make_mesh, replicated, tree_shardings
+from train.sharding import make_mesh, replicated
+
+MANIFEST = "manifest.jsonl"
+_PART_GLOB = "manifest.part-*.jsonl"
+
+__all__ = [
+    "EmptyPromptListError", "LoadedModel", "SampleOptions", "generate", "load_model",
+    "options_from_config", "read_prompts", "sample_to_dir", "write_outputs",
+]
 
 
-class EmptyPromptListError(ValueError):
-    """Nothing to sample."""
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's parameters do not fit the networks its config describes."""
 
 
 @dataclasses.dataclass
@@ -36,17 +68,52 @@ class LoadedModel:
     mesh: jax.sharding.Mesh
 
 
-def load_model(workdir: str, step: int | None = None) -> LoadedModel:
-    """The EMA UNet of the latest (or given) checkpoint, with the config saved beside it."""
+def _shape_mismatches(workdir: str, step: int, abstract_params) -> list[str]:
+    """Leaves whose stored shape differs from the config's (read from Orbax's metadata)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "ema_params")
+    try:
+        stored = ocp.StandardCheckpointer().metadata(path)
+        stored = getattr(stored, "item_metadata", stored)
+    except Exception:  # noqa: BLE001 - no metadata to compare: let the restore speak
+        return []
+    expected = {jax.tree_util.keystr(k): v.shape for k, v in
+                jax.tree_util.tree_leaves_with_path(abstract_params)}
+    found = {jax.tree_util.keystr(k): getattr(v, "shape", None) for k, v in
+             jax.tree_util.tree_leaves_with_path(stored)}
+    problems = [f"{name}: checkpoint {found.get(name)} vs config {shape}"
+                for name, shape in expected.items()
+                if name in found and found[name] is not None and tuple(found[name]) != shape]
+    missing = sorted(set(expected) - set(found))
+    if missing and found:
+        problems.append(f"missing in checkpoint: {missing[:3]}")
+    return problems
+
+
+def load_model(workdir: str, step: int | None = None, *, devices=None) -> LoadedModel:
+    """The EMA UNet of the latest (or given) checkpoint, with the config saved beside it,
+    parameters replicated over a 1-D ("data",) mesh of `devices` (default: all)."""
     config = checkpoint.load_config(workdir)
     step = checkpoint.resolve_step(workdir, step)
-    mesh = make_mesh([("data", -1)])
+    mesh = make_mesh([("data", -1)], devices=devices)
     unet_graphdef, abstract_params = abstract_unet(config.model)
-    params, _ = checkpoint.restore_ema_params(
-        workdir, step, abstract_params, tree_shardings(mesh, abstract_params)
-    )
+    problems = _shape_mismatches(workdir, step, abstract_params)
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {workdir} does not match its config.json "
+            f"({len(problems)} parameter(s)), e.g. {problems[0]}")
+    rep = replicated(mesh)
+    try:
+        params, _ = checkpoint.restore_ema_params(
+            workdir, step, abstract_params, jax.tree_util.tree_map(lambda _: rep, abstract_params))
+    except (ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {workdir} does not match its config.json: {first_line}"
+        ) from error
     tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model, workdir)
-    text_params = jax.device_put(text_params, replicated(mesh))
+    text_params = jax.device_put(text_params, rep)
     return LoadedModel(config, step, unet_graphdef, params, tokenizer, text_graphdef,
                        text_params, mesh)
 
@@ -60,108 +127,295 @@ class SampleOptions:
     seed: int
     num_images_per_prompt: int = 1
     negative_prompt: str = ""
+    karras_sigmas: bool = False
+    guidance_rescale: float = 0.0
+    timestep_spacing: str = "trailing"
+
+    def defaults(self) -> PromptDefaults:
+        return PromptDefaults(seed=self.seed, cfg_scale=self.cfg_scale,
+                              num_images=self.num_images_per_prompt, steps=self.steps,
+                              negative_prompt=self.negative_prompt)
 
 
 def options_from_config(config, **overrides) -> SampleOptions:
     s = config.sample
     values = dict(sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, eta=s.eta,
-                  seed=config.seed)
+                  seed=config.seed, karras_sigmas=bool(s.get("karras_sigmas", False)),
+                  guidance_rescale=float(s.get("guidance_rescale", 0.0)),
+                  timestep_spacing=s.timestep_spacing)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SampleOptions(**values)
 
 
 def read_prompts(prompts: Sequence[str] = (), prompts_file: str | None = None) -> list[str]:
-    collected = list(prompts or [])
-    if prompts_file:
-        with open(prompts_file, encoding="utf-8") as f:
-            collected += [line.strip() for line in f if line.strip()]
-    collected = [p for p in collected if p is not None]
-    if not collected:
-        where = f" ({prompts_file} has no non-empty lines)" if prompts_file else ""
-        raise EmptyPromptListError(f"no prompts to sample{where}: pass --prompt or --prompts_file")
-    return collected
+    """Plain prompt list (for small runs and tests): --prompt values, then the file's lines."""
+    defaults = PromptDefaults(seed=0, cfg_scale=1.0, num_images=1, steps=1)
+    scan_prompts(prompts, prompts_file, defaults)
+    return [spec.prompt for spec in iter_prompt_specs(prompts, prompts_file, defaults)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageJob:
+    spec: PromptSpec
+    image_index: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.index:06d}_{self.image_index:03d}.png"
+
+
+class Sampler:
+    """Compiled programs for one model and options, one per step count, each compiled once."""
+
+    def __init__(self, model: LoadedModel, options: SampleOptions, per_device_batch: int):
+        self.model = model
+        self.options = options
+        self.per_device_batch = per_device_batch
+        self.global_batch = per_device_batch * model.mesh.size
+        config = model.config
+        self.schedule = schedule_from_config(config.diffusion)
+        self.image_shape = (config.data.image_size, config.data.image_size,
+                            config.model.unet.out_channels)
+        self.data = NamedSharding(model.mesh, P("data"))
+        self._programs = {}
+        self._encode = jax.jit(
+            text_conditioning_fn(config.model, model.tokenizer, model.text_graphdef),
+            out_shardings=self.data)
+
+    def program(self, steps: int):
+        if steps not in self._programs:
+            options, graphdef = self.options, self.model.unet_graphdef
+            solver = make_solver(options.sampler, self.schedule,
+                                 self.model.config.diffusion.prediction_type, steps,
+                                 timestep_spacing=options.timestep_spacing,
+                                 karras_sigmas=options.karras_sigmas, eta=options.eta)
+
+            def apply(params, x, t, text):
+                return nnx.merge(graphdef, params)(x, t, text["hidden"],
+                                                   class_labels=text["pooled"])
+
+            denoise = make_denoise_fn(apply, solver, self.image_shape,
+                                      guidance_rescale=options.guidance_rescale)
+            # shard_map: every device runs the one-device program on its own rows, so an
+            # image does not depend on the device count.
+            batched = P("data")
+            mapped = jax.shard_map(denoise, mesh=self.model.mesh,
+                                   in_specs=(P(), batched, batched, batched, batched, batched),
+                                   out_specs=batched, check_vma=False)
+            self._programs[steps] = jax.jit(mapped)
+        return self._programs[steps]
+
+    def _global(self, host_array: np.ndarray) -> jax.Array:
+        # Every host holds the whole batch's inputs (cheap: token ids and scalars) and hands
+        # JAX the rows of its own devices.
+        return jax.make_array_from_callback(host_array.shape, self.data,
+                                            lambda index: host_array[index])
+
+    def run(self, jobs: Sequence[ImageJob]) -> dict[int, np.ndarray]:
+        """Images (uint8) of this host's rows of one global batch, by position in `jobs`."""
+        steps = jobs[0].spec.steps
+        padded = list(jobs) + [jobs[-1]] * (self.global_batch - len(jobs))
+        tokenizer = self.model.tokenizer
+        ids = np.asarray(tokenizer([j.spec.prompt for j in padded]), np.int32)
+        neg = np.asarray(tokenizer([j.spec.negative_prompt for j in padded]), np.int32)
+        seeds = np.asarray([j.spec.seed for j in padded], np.uint32)
+        indices = np.asarray([j.image_index for j in padded], np.uint32)
+        scales = np.asarray([j.spec.cfg_scale for j in padded], np.float32)
+        text_params = self.model.text_params
+        cond = self._encode(text_params, self._global(ids))
+        uncond = self._encode(text_params, self._global(neg))
+        images = self.program(steps)(self.model.params, cond, uncond, self._global(seeds),
+                                     self._global(indices), self._global(scales))
+        rows = {}
+        for shard in images.addressable_shards:
+            start = shard.index[0].start or 0
+            block = to_uint8(shard.data)
+            for offset, image in enumerate(block):
+                if start + offset < len(jobs):
+                    rows[start + offset] = image
+        return rows
+
+
+def _record(job: ImageJob, options: SampleOptions, checkpoint_step: int) -> dict:
+    spec = job.spec
+    return {"file": job.name, "prompt_index": spec.index, "prompt": spec.prompt,
+            "negative_prompt": spec.negative_prompt, "seed": spec.seed,
+            "image_index": job.image_index, "steps": spec.steps, "cfg_scale": spec.cfg_scale,
+            "sampler": options.sampler, "eta": options.eta,
+            "karras_sigmas": options.karras_sigmas,
+            "guidance_rescale": options.guidance_rescale, "checkpoint_step": checkpoint_step}
+
+
+def _save_png(path: str, image: np.ndarray, record: dict) -> None:
+    info = PngImagePlugin.PngInfo()
+    for key, value in record.items():
+        info.add_text(key, str(value))
+    tmp = path + ".tmp"
+    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)  # a kill never leaves a truncated PNG under the final name
+
+
+def _read_manifest_entries(out_dir: str) -> dict[str, dict]:
+    entries = {}
+    for path in [os.path.join(out_dir, MANIFEST), *sorted(glob.glob(
+            os.path.join(out_dir, _PART_GLOB)))]:
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill: that image is redone
+                if os.path.exists(os.path.join(out_dir, entry["file"])):
+                    entries[entry["file"]] = entry
+    return entries
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _jobs(specs: Iterable[PromptSpec], done: set[str]) -> Iterator[ImageJob]:
+    for spec in specs:
+        for image_index in range(spec.num_images):
+            job = ImageJob(spec, image_index)
+            if job.name not in done:
+                yield job
+
+
+def _batches(jobs: Iterable[ImageJob], size: int) -> Iterator[list[ImageJob]]:
+    """Global batches of one step count each (the step count sets the compiled program)."""
+    pending: dict[int, list[ImageJob]] = {}
+    for job in jobs:
+        bucket = pending.setdefault(job.spec.steps, [])
+        bucket.append(job)
+        if len(bucket) == size:
+            yield pending.pop(job.spec.steps)
+    for bucket in pending.values():
+        yield bucket
+
+
+def sample_to_dir(model: LoadedModel, prompts: Sequence[str], prompts_file: str | None,
+                  options: SampleOptions, out_dir: str, *, batch_size: int | None = None,
+                  grid: bool = True, grid_max_images: int = 64, progress: bool = True) -> dict:
+    """Samples every (prompt, image) not already in `out_dir`, writing as batches finish.
+
+    batch_size is per device (default config.sample.batch_size). Each host writes the images
+    of its own devices and appends to its manifest part; at the end process 0 merges the
+    parts into manifest.jsonl (one entry per image, in prompt order). A rerun skips images
+    already listed with their PNG present, so a killed run resumes.
+    """
+    defaults = options.defaults()
+    totals = scan_prompts(prompts, prompts_file, defaults)
+    per_device = batch_size or model.config.sample.batch_size
+    if per_device < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {per_device}")
+    sampler = Sampler(model, options, per_device)
+    os.makedirs(out_dir, exist_ok=True)
+    done = set(_read_manifest_entries(out_dir))
+    # Every host must see the same finished set before anyone writes, or their batches differ.
+    _barrier("sample_scan_done")
+    process, count = jax.process_index(), jax.process_count()
+    part_path = os.path.join(out_dir, f"manifest.part-{process:05d}-of-{count:05d}.jsonl")
+    todo = totals["images"] - len(done)
+    bar = tqdm(total=totals["images"], initial=len(done), unit="img", desc="sample",
+               disable=not progress or process != 0, dynamic_ncols=True)
+    written = 0
+    started = time.time()
+    with open(part_path, "a", encoding="utf-8") as part:
+        specs = iter_prompt_specs(prompts, prompts_file, defaults)
+        for jobs in _batches(_jobs(specs, done), sampler.global_batch):
+            rows = sampler.run(jobs)
+            for position, image in sorted(rows.items()):
+                job = jobs[position]
+                record = _record(job, options, model.step)
+                _save_png(os.path.join(out_dir, job.name), image, record)
+                part.write(json.dumps(record) + "\n")
+                written += 1
+            part.flush()
+            bar.update(len(jobs))
+            elapsed = max(time.time() - started, 1e-9)
+            bar.set_postfix(images_per_s=f"{(bar.n - bar.initial) / elapsed:.2f}")
+    bar.close()
+    _barrier("sample_written")
+    summary = {"images": totals["images"], "skipped": len(done), "sampled": todo,
+               "written_by_this_host": written, "manifest": os.path.join(out_dir, MANIFEST),
+               "grid": None}
+    if process == 0:
+        entries = _read_manifest_entries(out_dir)
+        ordered = sorted(entries.values(), key=lambda e: (e["prompt_index"], e["image_index"]))
+        tmp = os.path.join(out_dir, MANIFEST + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for entry in ordered:
+                f.write(json.dumps(entry) + "\n")
+        os.replace(tmp, os.path.join(out_dir, MANIFEST))
+        for path in glob.glob(os.path.join(out_dir, _PART_GLOB)):
+            os.remove(path)
+        summary["complete"] = len(ordered)
+        if grid and ordered:
+            shown = [np.asarray(Image.open(os.path.join(out_dir, e["file"])).convert("RGB"))
+                     for e in ordered[:grid_max_images]]
+            summary["grid"] = os.path.join(out_dir, "grid.png")
+            Image.fromarray(image_grid(np.stack(shown))).save(summary["grid"])
+    _barrier("sample_manifest")
+    return summary
+
+
+_SAMPLER_CACHE: dict = {}
+
+
+def _cached_sampler(model: LoadedModel, options: SampleOptions, per_device_batch: int):
+    # Repeated small calls (tests, benchmarks) reuse their compiled programs.
+    key = (id(model), options, per_device_batch)
+    if key not in _SAMPLER_CACHE or _SAMPLER_CACHE[key].model is not model:
+        _SAMPLER_CACHE[key] = Sampler(model, options, per_device_batch)
+    return _SAMPLER_CACHE[key]
 
 
 def generate(model: LoadedModel, prompts: Sequence[str], options: SampleOptions,
              *, batch_size: int | None = None, progress: bool = True):
-    """Images (uint8 [N,H,W,3]) and one record per image, prompts repeated per image.
+    """In memory, for small runs (tests, the demo's evaluation): uint8 images [N,H,W,3] and one
+    record per image, in prompt order, `options.num_images_per_prompt` per prompt.
 
-    Image i uses key fold_in(seed, i): the same seed gives the same image whatever the batch
-    size or device count.
-    """
+    batch_size is the global batch (rounded up to a multiple of the device count)."""
     if not prompts:
         raise EmptyPromptListError("no prompts to sample")
     too_long = model.tokenizer.truncated(list(dict.fromkeys(prompts)))
     if too_long:
         logging.warning(
             "%d prompt(s) exceed the text encoder's %d tokens and are cut off at the end, "
-            "e.g. %r", len(too_long), model.tokenizer.max_length, too_long[0],
-        )
-    config = model.config
-    diffusion = config.diffusion
-    schedule = make_schedule(diffusion.schedule, diffusion.num_train_timesteps,
-                             diffusion.beta_start, diffusion.beta_end)
-    denoise = denoise_fn_from_config(
-        model.unet_graphdef, schedule, config, sampler=options.sampler, steps=options.steps,
-        cfg_scale=options.cfg_scale, eta=options.eta,
-    )
+            "e.g. %r", len(too_long), model.tokenizer.max_length, too_long[0])
     devices = model.mesh.size
-    batch_size = batch_size or config.sample.batch_size
-    batch_size = max(devices, -(-batch_size // devices) * devices)  # a multiple of the devices
-    data = batch_sharding(model.mesh, ("data",))
-    rep = replicated(model.mesh)
-    param_shardings = jax.tree_util.tree_map(lambda _: rep, model.params)
-    jitted = jax.jit(denoise, in_shardings=(param_shardings, data, data, data),
-                     out_shardings=data)
-    encode = jax.jit(text_conditioning_fn(config.model, model.tokenizer, model.text_graphdef),
-                     out_shardings=data)
-
-    per_image_prompts = [p for p in prompts for _ in range(options.num_images_per_prompt)]
-    total = len(per_image_prompts)
-    outputs = []
-    for start in tqdm(range(0, total, batch_size), desc="sample", unit="batch",
-                      disable=not progress or total <= batch_size):
-        chunk = per_image_prompts[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        ids = model.tokenizer(chunk + [chunk[-1]] * pad)
-        neg = model.tokenizer([options.negative_prompt] * batch_size)
-        indices = np.arange(start, start + batch_size)
-        keys = jax.device_put(image_keys(options.seed, indices), data)
-        context = encode(model.text_params, jax.device_put(jnp.asarray(ids), data))
-        uncond = encode(model.text_params, jax.device_put(jnp.asarray(neg), data))
-        images = to_uint8(jitted(model.params, context, uncond, keys))
-        outputs.append(images[: len(chunk)])
-    images = np.concatenate(outputs)
-    records = [
-        {
-            "prompt": prompt,
-            "negative_prompt": options.negative_prompt,
-            "seed": options.seed,
-            "image_index": index,
-            "steps": options.steps,
-            "cfg_scale": options.cfg_scale,
-            "sampler": options.sampler,
-            "eta": options.eta,
-            "checkpoint_step": model.step,
-        }
-        for index, prompt in enumerate(per_image_prompts)
-    ]
-    return images, records
+    global_batch = batch_size or model.config.sample.batch_size
+    sampler = _cached_sampler(model, options, max(1, -(-global_batch // devices)))
+    defaults = options.defaults()
+    specs = list(iter_prompt_specs(prompts, None, defaults))
+    jobs = list(_jobs(specs, set()))
+    images, records = [], []
+    for batch in tqdm(list(_batches(jobs, sampler.global_batch)), desc="sample", unit="batch",
+                      disable=not progress):
+        rows = sampler.run(batch)
+        for position, job in enumerate(batch):
+            images.append(rows[position])
+            records.append(_record(job, options, model.step))
+    order = sorted(range(len(records)),
+                   key=lambda i: (records[i]["prompt_index"], records[i]["image_index"]))
+    return np.stack([images[i] for i in order]), [records[i] for i in order]
 
 
 def write_outputs(out_dir: str, images: np.ndarray, records: list[dict],
                   *, columns: int | None = None) -> dict:
     """One PNG per image (settings in PNG text chunks), grid.png and manifest.jsonl."""
     os.makedirs(out_dir, exist_ok=True)
-    manifest_path = os.path.join(out_dir, "manifest.jsonl")
+    manifest_path = os.path.join(out_dir, MANIFEST)
     with open(manifest_path, "w", encoding="utf-8") as manifest:
         for image, record in zip(images, records, strict=True):
-            name = f"{record['image_index']:05d}.png"
-            info = PngImagePlugin.PngInfo()
-            for key, value in record.items():
-                info.add_text(key, str(value))
-            Image.fromarray(image).save(os.path.join(out_dir, name), pnginfo=info)
-            manifest.write(json.dumps({"file": name, **record}) + "\n")
+            _save_png(os.path.join(out_dir, record["file"]), image, record)
+            manifest.write(json.dumps(record) + "\n")
     grid_path = os.path.join(out_dir, "grid.png")
     Image.fromarray(image_grid(images, columns)).save(grid_path)
     return {"manifest": manifest_path, "grid": grid_path, "count": len(records)}
