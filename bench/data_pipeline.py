@@ -1,9 +1,10 @@
 """Host input-pipeline throughput against a webdataset + PIL baseline, as one JSON line.
 
-    python bench/data_pipeline.py [--num_images 640] [--batches 12]
+    python bench/data_pipeline.py [--num_images 640] [--batches 12] [--image_size 256]
 
-Writes 512px JPEG tar shards (and the same images as ArrayRecord) to a temporary directory,
-then times batches of 256px crops, shuffle + caption choice + tokenization + batching included:
+Writes JPEG tar shards of twice `image_size` (512px by default; and the same images as
+ArrayRecord) to a temporary directory, then times batches of `image_size` crops, shuffle +
+caption choice + tokenization + batching included:
 
 - ours: data_pipeline.input_pipeline on the tar shards with 1 and 2 decode workers;
 - baseline: the same shards through the `webdataset` library (shuffle buffer, PIL decode,
@@ -28,29 +29,27 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BATCH_SIZE = 32
-IMAGE_SIZE = 256
-SOURCE_SIZE = 512
 NUM_SHARDS = 4
 SHUFFLE_BUFFER = 256
 MAX_LENGTH = 32
 
 
-def _jpeg(index, rng):
+def _jpeg(index, rng, source_size):
     """A 512px photo-like JPEG: smooth colour fields plus light noise, about 40 KB at quality
     90 (the size of a typical 512px web photo)."""
     import numpy as np
     from PIL import Image
 
-    y, x = np.mgrid[0:SOURCE_SIZE, 0:SOURCE_SIZE] / SOURCE_SIZE
+    y, x = np.mgrid[0:source_size, 0:source_size] / source_size
     phase = rng.uniform(0, 2 * np.pi, size=3)
     channels = [127 + 100 * np.sin(6 * x * (c + 1) + 4 * y + phase[c]) for c in range(3)]
-    pixels = np.stack(channels, -1) + rng.normal(0, 3, size=(SOURCE_SIZE, SOURCE_SIZE, 3))
+    pixels = np.stack(channels, -1) + rng.normal(0, 3, size=(source_size, source_size, 3))
     buffer = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
 
 
-def write_data(out_dir, num_images):
+def write_data(out_dir, num_images, source_size):
     import numpy as np
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -58,7 +57,7 @@ def write_data(out_dir, num_images):
     from data_pipeline.shards import TarShardWriter
 
     rng = np.random.default_rng(0)
-    images = [_jpeg(i, rng) for i in range(num_images)]
+    images = [_jpeg(i, rng, source_size) for i in range(num_images)]
     captions = [f"photo number {i} of a textured {('red', 'green', 'blue')[i % 3]} field"
                 for i in range(num_images)]
     bounds = np.linspace(0, num_images, NUM_SHARDS + 1).astype(int)
@@ -85,13 +84,13 @@ def _time_batches(iterator, batches):
     return batches * BATCH_SIZE / (time.perf_counter() - start)
 
 
-def ours(paths, source, tokenizer, workers, batches, decode_workers="threads"):
+def ours(paths, source, tokenizer, workers, batches, image_size, decode_workers="threads"):
     import ml_collections
 
     from data_pipeline.input_pipeline import make_train_iterator
 
     config = ml_collections.ConfigDict({
-        "source": source, "paths": ",".join(paths), "image_size": IMAGE_SIZE,
+        "source": source, "paths": ",".join(paths), "image_size": image_size,
         "shuffle_buffer": SHUFFLE_BUFFER, "prefetch": 2, "num_workers": workers,
         "decode_workers": decode_workers, "caption_json_field": "caption",
         "empty_captions": "drop", "tar_cycle_length": NUM_SHARDS, "read_retries": 0,
@@ -102,19 +101,24 @@ def ours(paths, source, tokenizer, workers, batches, decode_workers="threads"):
         return _time_batches(iterator, batches)
 
 
-def _pil_crop(sample):
-    """webdataset's "pil" decode (a full-size decode), then shorter side to 256 + centre crop."""
-    import numpy as np
-    from PIL import Image
+class _PilCrop:
+    """webdataset's "pil" decode (a full-size decode), then shorter side resized + centre crop."""
 
-    image = sample["jpg"]
-    width, height = image.size
-    scale = IMAGE_SIZE / min(width, height)
-    image = image.resize((round(width * scale), round(height * scale)), Image.Resampling.BICUBIC)
-    left = (image.width - IMAGE_SIZE) // 2
-    top = (image.height - IMAGE_SIZE) // 2
-    crop = image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
-    return np.asarray(crop.convert("RGB")), sample["txt"]
+    def __init__(self, image_size):
+        self.image_size = image_size
+
+    def __call__(self, sample):
+        import numpy as np
+        from PIL import Image
+
+        size, image = self.image_size, sample["jpg"]
+        width, height = image.size
+        scale = size / min(width, height)
+        image = image.resize((round(width * scale), round(height * scale)),
+                             Image.Resampling.BICUBIC)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        crop = image.crop((left, top, left + size, top + size))
+        return np.asarray(crop.convert("RGB")), sample["txt"]
 
 
 class _Tokenize:
@@ -126,7 +130,7 @@ class _Tokenize:
         return images, self.tokenizer(list(captions)), captions
 
 
-def baseline(paths, tokenizer, workers, batches):
+def baseline(paths, tokenizer, workers, batches, image_size):
     import webdataset as wds
 
     pipeline = (
@@ -135,7 +139,7 @@ def baseline(paths, tokenizer, workers, batches):
         .repeat()
         .shuffle(SHUFFLE_BUFFER)
         .decode("pil")
-        .map(_pil_crop)
+        .map(_PilCrop(image_size))
         .batched(BATCH_SIZE)
         .map(_Tokenize(tokenizer))
     )
@@ -172,6 +176,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--num_images", type=int, default=640)
     parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--image_size", type=int, default=256)
     args = parser.parse_args()
     from models.text_encoder import train_bpe_tokenizer
 
@@ -181,15 +186,16 @@ def main():
         [f"photo number {i} of a textured {c} field" for i in range(500)
          for c in ("red", "green", "blue")], 512, MAX_LENGTH)
     figures = {"bench": "data_pipeline", "num_images": args.num_images,
-               "source_size": SOURCE_SIZE, "image_size": IMAGE_SIZE, "batch_size": BATCH_SIZE,
+               "source_size": 2 * args.image_size, "image_size": args.image_size,
+               "batch_size": BATCH_SIZE,
                "shuffle_buffer": SHUFFLE_BUFFER, "batches_timed": args.batches,
                "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory() as out_dir:
-        tars, records, jpeg_bytes = write_data(out_dir, args.num_images)
+        tars, records, jpeg_bytes = write_data(out_dir, args.num_images, 2 * args.image_size)
         figures["mean_jpeg_kb"] = round(jpeg_bytes / args.num_images / 1e3, 1)
         for workers in (1, 2):
-            mine = ours(tars, "tar", tokenizer, workers, args.batches)
-            base = baseline(tars, tokenizer, workers, args.batches)
+            mine = ours(tars, "tar", tokenizer, workers, args.batches, args.image_size)
+            base = baseline(tars, tokenizer, workers, args.batches, args.image_size)
             figures[f"images_per_s_{workers}w"] = round(mine, 1)
             figures[f"baseline_images_per_s_{workers}w"] = round(base, 1)
             figures[f"ratio_{workers}w"] = round(mine / base, 2)
@@ -201,7 +207,8 @@ def main():
         figures["array_record_read_mb_per_s"] = round(megabytes, 1)
         for kind in ("threads", "processes"):
             figures[f"array_record_images_per_s_2w_{kind}"] = round(
-                ours(records, "arrayrecord", tokenizer, 2, args.batches, kind), 1)
+                ours(records, "arrayrecord", tokenizer, 2, args.batches, args.image_size, kind),
+                1)
     print(json.dumps(figures))
 
 
