@@ -512,7 +512,7 @@ def read_captions(data_config, limit: int, *, workdir: str = "", seed: int = 0) 
     if data_config.source == "tar":
         options = storage_options(data_config)
         for url in resolve_paths(data_config, workdir):
-            for sample in sources._read_shard(url, retries=0, backoff_s=0.0,
+            for sample in sources.read_shard(url, retries=0, backoff_s=0.0,
                                               storage_options=options):
                 if take(sample):
                     return captions

@@ -215,7 +215,7 @@ class TfdsSource:
 # --- tar shards: a sequential, checkpointable Grain IterDataset ---------------------------
 
 
-def _read_shard(url: str, *, retries: int, backoff_s: float,
+def read_shard(url: str, *, retries: int, backoff_s: float,
                 storage_options: dict | None) -> Iterator[dict]:
     """Samples of one shard; damage or a failed read ends it with one skip marker.
 
@@ -283,7 +283,7 @@ class TarStream(grain.IterDataset):
 
     def _group(self, epoch: int, group: int) -> Iterator[dict]:
         shards = self.host_shards(epoch)[group * self.cycle_length:(group + 1) * self.cycle_length]
-        readers = [_read_shard(url, **self.read_options) for url in shards]
+        readers = [read_shard(url, **self.read_options) for url in shards]
         rng = np.random.default_rng((self.seed, self.process_index, epoch, group))
         window: list[dict] = []
         while readers:
