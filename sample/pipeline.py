@@ -52,10 +52,6 @@ __all__ = [
 ]
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's parameters do not fit the networks its config describes."""
-
-
 @dataclasses.dataclass
 class LoadedModel:
     config: ml_collections.ConfigDict
@@ -68,50 +64,19 @@ class LoadedModel:
     mesh: jax.sharding.Mesh
 
 
-def _shape_mismatches(workdir: str, step: int, abstract_params) -> list[str]:
-    """Leaves whose stored shape differs from the config's (read from Orbax's metadata)."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "ema_params")
-    try:
-        stored = ocp.StandardCheckpointer().metadata(path)
-        stored = getattr(stored, "item_metadata", stored)
-    except Exception:  # noqa: BLE001 - no metadata to compare: let the restore speak
-        return []
-    expected = {jax.tree_util.keystr(k): v.shape for k, v in
-                jax.tree_util.tree_leaves_with_path(abstract_params)}
-    found = {jax.tree_util.keystr(k): getattr(v, "shape", None) for k, v in
-             jax.tree_util.tree_leaves_with_path(stored)}
-    problems = [f"{name}: checkpoint {found.get(name)} vs config {shape}"
-                for name, shape in expected.items()
-                if name in found and found[name] is not None and tuple(found[name]) != shape]
-    missing = sorted(set(expected) - set(found))
-    if missing and found:
-        problems.append(f"missing in checkpoint: {missing[:3]}")
-    return problems
-
-
 def load_model(workdir: str, step: int | None = None, *, devices=None) -> LoadedModel:
     """The EMA UNet of the latest (or given) checkpoint, with the config saved beside it,
     parameters replicated over a 1-D ("data",) mesh of `devices` (default: all)."""
-    config = checkpoint.load_config(workdir)
     step = checkpoint.resolve_step(workdir, step)
+    config = checkpoint.load_config(workdir, step)
     mesh = make_mesh([("data", -1)], devices=devices)
     unet_graphdef, abstract_params = abstract_unet(config.model)
-    problems = _shape_mismatches(workdir, step, abstract_params)
-    if problems:
-        raise CheckpointMismatchError(
-            f"checkpoint step {step} in {workdir} does not match its config.json "
-            f"({len(problems)} parameter(s)), e.g. {problems[0]}")
+    # Parameter shapes that do not fit the stored config fail here with the names, not deep
+    # inside Orbax.
+    checkpoint.check_compatible(workdir, step, config, abstract_params)
     rep = replicated(mesh)
-    try:
-        params, _ = checkpoint.restore_ema_params(
-            workdir, step, abstract_params, jax.tree_util.tree_map(lambda _: rep, abstract_params))
-    except (ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise CheckpointMismatchError(
-            f"checkpoint step {step} in {workdir} does not match its config.json: {first_line}"
-        ) from error
+    params, _ = checkpoint.restore_ema_params(
+        workdir, step, abstract_params, jax.tree_util.tree_map(lambda _: rep, abstract_params))
     tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model, workdir)
     text_params = jax.device_put(text_params, rep)
     return LoadedModel(config, step, unet_graphdef, params, tokenizer, text_graphdef,
