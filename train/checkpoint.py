@@ -76,7 +76,7 @@ def save_config(workdir, config: ml_collections.ConfigDict) -> None:
     path = directory / CONFIG_FILE
     tmp = directory / (CONFIG_FILE + ".tmp")
     tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    tmp.rename(path)  # never leave a half-written config beside good checkpoints
+    tmp.replace(path)  # never leave a half-written config beside good checkpoints
 
 
 def _tuples(tree):
