@@ -23,8 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
     # Files, directories, globs, brace ranges (shard-{00000..00099}.tar), comma lists, or URLs
     # (http(s)://, gs://, s3://; s3/gs need s3fs/gcsfs).
     data.paths = ""
-    # Read by the previous tar iterator only; replaced by `paths`.
-    data.shards = ""
     # fsspec options for remote paths as a JSON object, e.g. '{"endpoint_url": "http://..."}'.
     data.storage_options = ""
     data.tfds_name = ""

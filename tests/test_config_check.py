@@ -64,7 +64,7 @@ def test_byte_tokens_that_cut_synthetic_captions_are_rejected():
 def test_tar_source_needs_shards():
     config = tiny.get_config()
     config.data.source = "tar"
-    with pytest.raises(ConfigError, match="config.data.shards is empty"):
+    with pytest.raises(ConfigError, match="config.data.paths is empty"):
         validate_config(config)
 
 

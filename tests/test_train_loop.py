@@ -42,7 +42,7 @@ def test_damaged_samples_in_user_shards_are_skipped_and_counted(tmp_path):
         writer.write("nocaption", {"png": _png((10, 10, 200))})
     config = tiny.get_config()
     config.data.source = "tar"
-    config.data.shards = str(shard_dir)
+    config.data.paths = str(shard_dir)
     config.data.shuffle_buffer = 16
     config.train.num_train_steps = 16  # > one pass over the 104 usable samples at batch 16
     config.train.log_every_steps = 8

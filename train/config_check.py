@@ -54,12 +54,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     optim, train, sample = config.optim, config.train, config.sample
 
     _choice("data.source", data.source, DATA_SOURCES)
-    if data.source == "tar" and not data.shards:
-        raise ConfigError(
-            "config.data.shards is empty; data.source='tar' needs shard paths or URLs"
-        )
-    if data.source == "arrayrecord" and not data.paths:
-        raise ConfigError("config.data.paths is empty; data.source='arrayrecord' needs files")
+    if data.source in ("tar", "arrayrecord") and not data.paths:
+        raise ConfigError(f"config.data.paths is empty; data.source={data.source!r} needs files, "
+                          "globs or URLs")
     if data.source == "tfds" and not data.tfds_name:
         raise ConfigError("config.data.tfds_name is empty; data.source='tfds' needs a name")
     _choice("data.empty_captions", data.empty_captions, EMPTY_CAPTION_POLICIES)
