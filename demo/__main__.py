@@ -13,6 +13,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train.distributed import define_distributed_flags, initialize
 from train.host_devices import apply_cpu_devices_flag, define_cpu_devices_flag
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,14 +23,16 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/t2i_demo", "Where data, checkpoints, logs go.")
 _IMAGES = flags.DEFINE_integer("num_images_per_prompt", 4, "Samples per evaluated prompt.")
 _CPU_DEVICES = define_cpu_devices_flag()
+_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
 
 
 def run_demo(config, workdir: str, *, num_images_per_prompt: int = 4,
              classifier_kwargs: dict | None = None) -> dict:
+    from data_pipeline.input_pipeline import held_out_combinations
     from data_pipeline.synthetic import all_combinations, prompt_for
     from evaluation.adherence import adherence_scores, train_attribute_classifier
     from sample.pipeline import generate, load_model, options_from_config, write_outputs
-    from train.loop import held_out_combinations, train_and_evaluate
+    from train.loop import train_and_evaluate
 
     started = time.time()
     train_summary = train_and_evaluate(config, workdir)
@@ -40,7 +43,7 @@ def run_demo(config, workdir: str, *, num_images_per_prompt: int = 4,
         config.data.image_size, seed=config.seed, **(classifier_kwargs or {})
     )
 
-    held_in, held_out = all_combinations(held_out_combinations(config))
+    held_in, held_out = all_combinations(held_out_combinations(config.data))
     combos = list(held_in) + list(held_out)
     model = load_model(workdir)
     options = options_from_config(model.config, num_images_per_prompt=num_images_per_prompt)
@@ -60,7 +63,7 @@ def run_demo(config, workdir: str, *, num_images_per_prompt: int = 4,
         "classifier_accuracy": classifier_metrics["classifier_accuracy"],
         "classifier": classifier_metrics,
         "num_images": {"held_in": scores_in["n"], "held_out": scores_out["n"]},
-        "held_out_combinations": [" ".join(c) for c in held_out_combinations(config)],
+        "held_out_combinations": [" ".join(c) for c in held_out_combinations(config.data)],
         "sampling": {"sampler": options.sampler, "steps": options.steps,
                      "cfg_scale": options.cfg_scale, "checkpoint_step": model.step},
         "train": {k: v for k, v in train_summary.items() if k != "data"},
@@ -68,9 +71,12 @@ def run_demo(config, workdir: str, *, num_images_per_prompt: int = 4,
         "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(time.time() - started, 1),
     }
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", "adherence.json"), "w") as f:
-        json.dump(result, f, indent=2, default=float)
+    import jax
+
+    if jax.process_index() == 0:  # one writer of shared files
+        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+        with open(os.path.join(workdir, "eval", "adherence.json"), "w") as f:
+            json.dump(result, f, indent=2, default=float)
     return result
 
 
@@ -78,6 +84,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     apply_cpu_devices_flag(_CPU_DEVICES.value, _CONFIG.value.train.global_batch_size)
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before JAX runs
     from train.log_setup import setup_logging
 
     setup_logging()
