@@ -33,6 +33,7 @@ _CPU_DEVICES = define_cpu_devices_flag()
 _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 1
 
 
 class UsageError(ValueError):
@@ -122,12 +123,14 @@ def run(argv=None):
         raise
     except _user_error_types() as error:
         _fail(str(error))
+    except FloatingPointError as error:  # the loop's NonFiniteLossError: diverged, not misused
+        _fail(str(error), code=EXIT_DIVERGED)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     one_line = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
     print(f"train: error: {one_line}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
