@@ -1,9 +1,11 @@
 """The training loop in-process on 8 fake devices: user tar shards with damaged samples (skipped
-and counted in TensorBoard), and the demo driver end to end on the tiny config."""
+and counted in TensorBoard), a diverging run that stops with its last good checkpoint kept, and
+the demo driver end to end on the tiny config."""
 
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -55,12 +57,55 @@ def test_damaged_samples_in_user_shards_are_skipped_and_counted(tmp_path):
     assert summary["step"] == 16 and np.isfinite(summary["loss"])
     assert summary["data"]["skipped_decode"] >= 1
     assert summary["data"]["skipped_no_caption"] >= 1
-    assert summary["data"]["epochs"] >= 2
+    assert summary["data"]["epochs"] >= 1
     decode = _scalars(workdir, "data/skipped_decode")
     assert [step for step, _ in decode] == [8, 16]
     assert decode[-1][1] >= 1
     assert _scalars(workdir, "data/skipped_no_caption")[-1][1] >= 1
-    assert os.path.isdir(os.path.join(workdir, "checkpoints", "16"))
+    for tag in ("train/step_seconds", "train/images_per_sec", "train/tflops_per_device",
+                "train/mfu", "train/skipped_nonfinite"):
+        assert [step for step, _ in _scalars(workdir, tag)] == [8, 16], tag
+    assert 0 < _scalars(workdir, "train/mfu")[-1][1] < 1
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "16", "data_iter"))
+
+
+@pytest.mark.slow
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from train import checkpoint
+    from train.loop import NonFiniteLossError, train_and_evaluate
+
+    config = tiny.get_config()
+    # The first update throws the weights far out; every later step overflows and is skipped.
+    config.optim.learning_rate = 1e30
+    config.optim.warmup_steps = 0
+    config.train.num_train_steps = 12
+    config.train.checkpoint_every_steps = 1
+    config.train.keep_checkpoints = 20
+    config.train.max_consecutive_nonfinite = 3
+    config.train.sample_every_steps = 0
+    workdir = str(tmp_path)
+
+    with pytest.raises(NonFiniteLossError) as raised:
+        train_and_evaluate(config, workdir)
+
+    message = str(raised.value)
+    steps = checkpoint._steps(workdir)
+    assert steps, "the steps before the divergence were saved"
+    assert f"the last good checkpoint, step {steps[-1]} in" in message
+    assert "3 non-finite steps in a row" in message
+    assert steps[-1] < config.train.num_train_steps
+    # Nothing non-finite reached the disk: every kept checkpoint samples.
+    from models.factory import abstract_unet
+    from train.sharding import make_mesh, tree_shardings
+
+    _, abstract_params = abstract_unet(config.model)
+    shardings = tree_shardings(make_mesh([("data", -1)]), abstract_params)
+    for step in steps:
+        params, _ = checkpoint.restore_ema_params(workdir, step, abstract_params, shardings)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
+    skipped = _scalars(workdir, "train/skipped_nonfinite")
+    assert skipped and skipped[-1][1] >= 1
+    assert not os.path.exists(os.path.join(workdir, "train.lock"))
 
 
 @pytest.mark.slow

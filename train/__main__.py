@@ -64,7 +64,10 @@ def main(argv):
     config = _CONFIG.value
     applied = apply_cpu_devices_flag(_CPU_DEVICES.value, config.train.global_batch_size)
     # Before anything else touches the JAX backend.
-    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+        initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as error:  # flags that do not go together
+        raise UsageError(str(error)) from error
     import jax
 
     from train.log_setup import setup_logging

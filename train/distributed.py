@@ -60,11 +60,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                 f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
         import jax
 
-        if num_processes == 1:
-            return False
+        # Also for one process: the explicit launch then runs the same start-up path (the
+        # coordinator service, its port) as on a cluster.
         jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
-        return True
+        return num_processes > 1
     if detected_cluster() is None:
         return False
     import jax
