@@ -81,10 +81,21 @@ def test_train_resume_and_sample(tmp_path):
 
 @pytest.mark.slow
 def test_cli_errors_are_clear(tmp_path):
-    typo = run_cli("train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
-                   "--config.optim.learning_rat=1e-3", check=False)
-    assert typo.returncode != 0
-    assert "learning_rat" in typo.stderr
+    # User errors from `python -m train`: one line naming the problem, exit 2, nothing written.
+    for flag, expected in (
+        ("--config.optim.learning_rat=1e-3", 'no such config field: learning_rat'),
+        ("--config.nonexistent=1", "no such config field: nonexistent"),
+        ("--config.optim.learning_rate=-1", "config.optim.learning_rate=-1.0 must be > 0"),
+        ("--config.data.source=tar", "config.data.paths is empty"),
+    ):
+        bad = run_cli("train", "--config", "configs/tiny.py", "--workdir",
+                      str(tmp_path / "w"), flag, check=False)
+        assert bad.returncode == 2, (flag, bad.stderr[-2000:])
+        errors = [line for line in bad.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and errors[0].startswith("train: error: "), (flag, errors)
+        assert expected in errors[0], (flag, errors)
+        assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
 
     empty = tmp_path / "empty"
     empty.mkdir()
