@@ -15,11 +15,11 @@ from data_pipeline import input_pipeline
 from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
 from models.factory import abstract_unet
 from train import checkpoint, lock, setup
-from train.config_check import validate_config
+from train.config_check import ConfigError, validate_config
 from train.metrics import MetricWriter
 from train.preemption import PreemptionWatch
 from train.setup import build_run
-from train.sharding import data_parallel_size, make_mesh
+from train.sharding import check_batch_divides, data_parallel_size, make_mesh
 
 # Moved to their owners; importable from here until the benches and tests that still name
 # train.loop import them from data_pipeline.input_pipeline and train.setup.
@@ -138,15 +138,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemption) -> dict:
     train_cfg = config.train
-    mesh = make_mesh(config.mesh.shape)
-    batch_axes = tuple(config.mesh.batch_axes)
-    dp_size = data_parallel_size(mesh, batch_axes)
     global_batch = train_cfg.global_batch_size
-    if global_batch % dp_size or global_batch % jax.process_count():
-        raise ValueError(
-            f"config.train.global_batch_size={global_batch} must be divisible by the data-parallel "
-            f"size {dp_size} and the process count {jax.process_count()}"
-        )
+    batch_axes = tuple(config.mesh.batch_axes)
+    # Mesh and batch problems are config problems: reported as such, before anything is written.
+    try:
+        mesh = make_mesh(config.mesh.shape)
+        check_batch_divides(global_batch, mesh, batch_axes,
+                            process_count=jax.process_count(),
+                            grad_accum_steps=train_cfg.get("grad_accum_steps", 1))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    dp_size = data_parallel_size(mesh, batch_axes)
     # A relaunch with another model stops here, before anything in the workdir changes.
     latest = checkpoint.latest_step(workdir)
     if latest is not None:
@@ -194,7 +196,8 @@ def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemptio
             data_iter=data_iter, data_sharding=data_sharding, manager=manager,
             start_step=start_step, last_saved=latest, cost=cost, preemption=preemption,
             sample_grid=_make_sample_grid_fn(
-                config, unet_graphdef, schedule, tokenizer, encode_text, text_params),
+                config, unet_graphdef, schedule, tokenizer, encode_text, text_params)
+            if train_cfg.sample_every_steps else None,
         )
     finally:
         manager.wait_until_finished()
