@@ -1,49 +1,60 @@
 """Train-step throughput of a config on this machine, as one JSON line.
 
-    python bench/train_throughput.py [--config configs/demo.py] [--steps 20] [--host_devices 2]
+    python bench/train_throughput.py [--config configs/demo.py] [--steps 10] [--host_devices N]
+    python bench/train_throughput.py --peer            # peer-size UNet, ours vs diffusers' Flax
+    python bench/train_throughput.py --config C --peer  # C's UNet, ours vs diffusers' Flax
 
-Reports step time, images/s, XLA's FLOP count per step, and the achieved FLOP/s as a ratio of
-a jitted float32 2048x2048 matmul measured in the same process (the machine's practical peak),
-so figures from a noisy shared machine stay comparable. The step runs as training runs it:
-jitted with the batch sharded over a `data` mesh of all devices; `--host_devices N` splits the
-CPU into N single-threaded XLA devices first (data parallelism across cores), as the CLIs'
-`--cpu_devices` does.
+The step is the training step, built by `train.setup.build_run` exactly as `python -m train`
+builds it (mesh, FSDP rules, sharded state, donation). Reported: `step_s`, `images_per_s`,
+`gflops_per_step` (XLA's count for the whole step, all devices), `peak_fraction` (achieved
+FLOP/s over the float32 matmul peak of the same devices, measured in the same command, so a
+busy shared machine weighs on both), `mfu` (over the device's bf16 table peak, accelerators
+only) and `peak_memory_mb` (per device: the allocator's peak where the backend reports one,
+else the compiled step's own figure).
+
+On CPU the host is split into one single-threaded XLA device per core, as the CLIs do by
+default (`--host_devices 0` leaves XLA's defaults); the peer runs with the same split.
+
+`--peer` runs the same step for diffusers 0.35.2's `FlaxUNet2DConditionModel` (the last
+diffusers with Flax) at the identical UNet architecture, batch and resolution, in a subprocess
+from its own environment: created once under `--peer_cache` (a venv holding only
+`diffusers==0.35.2`, installed with --no-deps from the package index, that reads jax / flax /
+optax from this environment so both sides run the same JAX), or the interpreter named by
+`--peer_python`. `peer_ratio` = our images/s over the peer's.
 """
 
 import argparse
 import ast
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if "--host_devices" in sys.argv:  # must be set before jax is imported
-    from train.host_devices import split_host_cpu
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-    # As the CLIs' --cpu_devices: N single-threaded CPU devices.
-    split_host_cpu(int(sys.argv[sys.argv.index("--host_devices") + 1]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from models.factory import (  # noqa: E402
-    build_frozen_text_encoder,
-    build_unet,
-    text_conditioning_fn,
-)
-from train.config_check import validate_config  # noqa: E402
-from train.loop import schedule_from_config, synthetic_tokenizer_workdir  # noqa: E402
-from train.sharding import batch_sharding, make_mesh, replicated  # noqa: E402
-from train.state import TrainState, make_optimizer  # noqa: E402
-from train.step import make_train_step  # noqa: E402
+PEER_DIFFUSERS = "diffusers==0.35.2"
+# The peer-size UNet (6.7M parameters): diffusers' classic layout, channels 64/128/128,
+# cross-attention on the two higher-resolution levels and the mid block, 32x32, batch 32,
+# 16 context tokens of width 128.
+PEER_UNET = {
+    "sample_size": 32, "in_channels": 3, "out_channels": 3,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (64, 128, 128), "layers_per_block": 1, "attention_head_dim": 8,
+    "cross_attention_dim": 128, "norm_num_groups": 32, "transformer_layers_per_block": 1,
+    "class_embed_type": None, "projection_class_embeddings_input_dim": None,
+    "resnet_time_scale_shift": "default", "coordinate_channels": False, "patch_size": 1,
+}
+PEER_BATCH, PEER_TOKENS = 32, 16
+# Our UNet options diffusers' Flax UNet lacks, with the value that matches it.
+_NOT_IN_PEER = {"class_embed_type": None, "resnet_time_scale_shift": "default",
+                "coordinate_channels": False, "patch_size": 1}
 
 
 def load_config(path):
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("bench_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -67,89 +78,194 @@ def apply_override(config, override: str) -> None:
     node[name] = value
 
 
-def matmul_peak(size=2048, repeats=10):
-    a = jnp.ones((size, size), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        f(a).block_until_ready()
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+def peer_size_config(config):
+    """`config` with the peer-size UNet, 32x32 images, batch 32, a 16-token text encoder of
+    width 128 (the peer gets a fixed random context of that shape instead of an encoder)."""
+    config.data.image_size = 32
+    config.model.unet.update(PEER_UNET)
+    text = config.model.text_encoder
+    text.kind, text.tokenizer, text.max_length = "demo", "bytes", PEER_TOKENS
+    text.hidden_size, text.intermediate_size = 128, 256
+    text.num_hidden_layers, text.num_attention_heads = 1, 4
+    config.train.global_batch_size = PEER_BATCH
+    return config
+
+
+def peer_unet_kwargs(unet) -> dict:
+    """diffusers Flax constructor arguments for the same architecture; SystemExit naming the
+    option when the config uses one the peer does not have."""
+    for field, off in _NOT_IN_PEER.items():
+        if unet.get(field, off) != off:
+            raise SystemExit(f"--peer: model.unet.{field}={unet[field]!r} has no counterpart in "
+                             f"diffusers' Flax UNet (needs {off!r})")
+    if unet.get("norm_num_groups", 32) != 32:
+        raise SystemExit("--peer: diffusers' Flax UNet uses 32 norm groups; set "
+                         "model.unet.norm_num_groups=32")
+    return {
+        "sample_size": unet.sample_size, "in_channels": unet.in_channels,
+        "out_channels": unet.out_channels, "down_block_types": list(unet.down_block_types),
+        "up_block_types": list(unet.up_block_types),
+        "block_out_channels": list(unet.block_out_channels),
+        "layers_per_block": unet.layers_per_block, "attention_head_dim": unet.attention_head_dim,
+        "cross_attention_dim": unet.cross_attention_dim,
+        "transformer_layers_per_block": unet.get("transformer_layers_per_block", 1),
+    }
+
+
+def peer_python(cache_dir: str) -> str:
+    """The peer environment's interpreter, created on first use: a venv with diffusers 0.35.2
+    only; a .pth file puts this environment's site-packages (jax, flax, optax, numpy, ...)
+    after its own, so its diffusers shadows ours and everything else is shared."""
+    import site
+
+    venv = os.path.join(cache_dir, "diffusers-0.35.2-flax")
+    python = os.path.join(venv, "bin", "python")
+    ready = os.path.join(venv, ".ready")
+    if os.path.exists(ready):
+        return python
+    print(f"creating the peer environment in {venv} (once)", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
+    peer_site = subprocess.run(
+        [python, "-c", "import site; print(site.getsitepackages()[0])"], check=True,
+        capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(peer_site, "project_env.pth"), "w") as pth:
+        pth.write("\n".join(site.getsitepackages()) + "\n")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", PEER_DIFFUSERS],
+                   check=True)
+    open(ready, "w").close()
+    return python
+
+
+def run_peer(python: str, unet_kwargs: dict, *, batch_size: int, image_size: int,
+             context_tokens: int, steps: int) -> dict:
+    spec = {"unet": unet_kwargs, "batch_size": batch_size, "image_size": image_size,
+            "context_tokens": context_tokens, "steps": steps}
+    result = subprocess.run(
+        [python, os.path.join(ROOT, "bench", "peer_flax_unet.py"), json.dumps(spec)],
+        capture_output=True, text=True, env=os.environ.copy())
+    if result.returncode:
+        raise SystemExit(f"the peer run failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/demo.py")
-    parser.add_argument("--steps", type=int, default=20)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None,
+                        help="config file (default: configs/demo.py; with --peer alone, the "
+                             "peer-size UNet)")
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=None)
-    parser.add_argument("--host_devices", type=int, default=None,
-                        help="CPU only: split the host into this many XLA devices")
+    parser.add_argument("--host_devices", type=int, default=-1,
+                        help="CPU only: split the host into this many single-threaded XLA "
+                             "devices (-1: one per core, as the CLIs; 0: XLA's defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set model.unet.patch_size=1 "
                              "(a Python literal, else a string); repeatable")
+    parser.add_argument("--peer", action="store_true",
+                        help="also time diffusers 0.35.2's Flax UNet at the same architecture")
+    parser.add_argument("--peer_python", default=None,
+                        help="an interpreter with diffusers 0.35.2 (default: create a venv "
+                             "under --peer_cache)")
+    parser.add_argument("--peer_cache", default=os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "t2i_bench"))
     args = parser.parse_args()
-    config = load_config(args.config)
+
+    peer_size = args.peer and args.config is None
+    config = load_config(args.config or os.path.join(ROOT, "configs", "demo.py"))
+    if peer_size:
+        peer_size_config(config)
     for override in args.set:
         apply_override(config, override)
-    validate_config(config)
     batch_size = args.batch_size or config.train.global_batch_size
 
-    # The demo's BPE tokenizer is trained on captions when training starts; here on captions
-    # of the synthetic generator, in a scratch workdir.
-    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(
-        config.model, synthetic_tokenizer_workdir(config))
-    unet_graphdef, params = nnx.split(build_unet(config.model, nnx.Rngs(0)))
-    optimizer, lr_fn = make_optimizer(config.optim, config.train.num_train_steps)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=optimizer.init(params),
-                       ema_params=jax.tree_util.tree_map(jnp.copy, params),
-                       rng=jax.random.PRNGKey(0))
-    mesh = make_mesh([("data", -1)])
-    rep, data = replicated(mesh), batch_sharding(mesh, ("data",))
-    state = jax.device_put(state, rep)
-    text_params = jax.device_put(text_params, rep)
-    step_fn = jax.jit(make_train_step(
-        unet_graphdef=unet_graphdef,
-        encode_text=text_conditioning_fn(config.model, tokenizer, text_graphdef),
-        schedule=schedule_from_config(config), optimizer=optimizer, learning_rate_fn=lr_fn,
-        config=config, empty_input_ids=jnp.asarray(tokenizer([""])[0])),
-        in_shardings=(rep, rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+    # Before jax is imported: as the CLIs' --cpu_devices.
+    from train.host_devices import apply_cpu_devices_flag
+
+    apply_cpu_devices_flag(args.host_devices, batch_size)
+
+    import jax
+    import numpy as np
+
+    from train.config_check import validate_config
+    from train.mfu import measured_matmul_peak, peak_flops_per_device
+    from train.setup import build_run
+    from train.sharding import make_mesh
+
+    if not peer_size:
+        # (The peer-size config's byte tokenizer truncates synthetic captions, which the
+        # check refuses and a timing run does not care about.)
+        validate_config(config)
+    peer_kwargs = peer_unet_kwargs(config.model.unet) if args.peer else None
+
+    workdir = None
+    text = config.model.text_encoder
+    if text.kind == "demo" and text.get("tokenizer", "bytes") == "bpe":
+        # The demo's BPE tokenizer is trained on the data's captions when training starts.
+        from data_pipeline.input_pipeline import synthetic_tokenizer_workdir
+
+        workdir = synthetic_tokenizer_workdir(config)
+    mesh = make_mesh(config.mesh.shape)
+    run = build_run(config, mesh, workdir=workdir, global_batch_size=batch_size)
     size = config.data.image_size
     rng = np.random.default_rng(0)
     batch = jax.device_put({
         "images": rng.integers(0, 256, (batch_size, size, size, 3), np.uint8),
-        "input_ids": np.asarray(tokenizer(["a red circle in the top left"] * batch_size)),
-    }, data)
-    compiled = step_fn.lower(state, text_params, batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    # XLA reports the cost of one device's partition of the SPMD program.
-    flops = (float(cost.get("flops", 0.0)) if cost else 0.0) * jax.device_count()
+        "input_ids": np.asarray(run.tokenizer(["a red circle in the top left"] * batch_size)),
+    }, run.data_sharding)
+    state = run.state
     for _ in range(2):
-        state, metrics = compiled(state, text_params, batch)
+        state, metrics = run.compiled_step(state, run.text_params, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(args.steps):
-        state, metrics = compiled(state, text_params, batch)
+        state, metrics = run.compiled_step(state, run.text_params, batch)
     jax.block_until_ready(metrics)
-    step_seconds = (time.perf_counter() - start) / args.steps
-    peak = matmul_peak()
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    print(json.dumps({
+    step_s = (time.perf_counter() - start) / args.steps
+
+    devices = jax.local_devices()
+    flops = run.figures.get("flops_per_step_per_device", 0.0) * mesh.size
+    matmul_peak = measured_matmul_peak(devices=devices) * len(devices)
+    stats = devices[0].memory_stats() or {}
+    peak_memory = stats.get("peak_bytes_in_use", run.figures.get("memory_bytes_per_device", 0))
+    table_peak = peak_flops_per_device(devices[0])
+    result = {
         "bench": "train_throughput",
-        "config": args.config,
+        "config": "peer-size UNet" if peer_size else (args.config or "configs/demo.py"),
         "overrides": args.set,
         "backend": jax.default_backend(),
-        "devices": jax.device_count(),
-        "unet_params_m": round(num_params / 1e6, 3),
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "mesh": dict(mesh.shape),
+        "dtype": config.model.dtype,
+        "unet_params_m": round(run.figures["unet_params"] / 1e6, 3),
         "batch_size": batch_size,
-        "step_seconds": round(step_seconds, 4),
-        "images_per_sec": round(batch_size / step_seconds, 1),
-        "flops_per_step_g": round(flops / 1e9, 2),
-        "achieved_gflops": round(flops / step_seconds / 1e9, 1),
-        "matmul_peak_gflops": round(peak / 1e9, 1),
-        "fraction_of_matmul_peak": round(flops / step_seconds / peak, 3),
-    }))
+        "step_s": round(step_s, 4),
+        "images_per_s": round(batch_size / step_s, 2),
+        "gflops_per_step": round(flops / 1e9, 2),
+        "achieved_gflops_per_s": round(flops / step_s / 1e9, 1),
+        "matmul_peak_gflops_per_s": round(matmul_peak / 1e9, 1),
+        "peak_fraction": round(flops / step_s / matmul_peak, 3),
+        "mfu": round(flops / step_s / (table_peak * mesh.size), 3) if table_peak else None,
+        "peak_memory_mb": round(peak_memory / 2**20, 1),
+        "compile_s": round(run.figures["compile_seconds"], 1),
+    }
+    if args.peer:
+        del state, batch  # free memory before the peer runs
+        python = args.peer_python or peer_python(args.peer_cache)
+        peer = run_peer(python, peer_kwargs, batch_size=batch_size, image_size=size,
+                        context_tokens=run.tokenizer.max_length, steps=args.steps)
+        result.update({
+            "peer": f"diffusers {peer['diffusers']} FlaxUNet2DConditionModel",
+            "peer_devices": peer["devices"],
+            "peer_unet_params_m": peer["unet_params_m"],
+            "peer_step_s": round(peer["step_s"], 4),
+            "peer_images_per_s": round(peer["images_per_s"], 2),
+            "peer_gflops_per_step": round(peer["gflops_per_step"], 2),
+            "peer_peak_fraction": round(
+                peer["gflops_per_step"] * 1e9 / peer["step_s"] / matmul_peak, 3),
+            "peer_ratio": round(result["images_per_s"] / peer["images_per_s"], 3),
+        })
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

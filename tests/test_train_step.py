@@ -1,73 +1,43 @@
-"""The train step on the tiny config: frozen text encoder, optimizer coverage, EMA, determinism."""
+"""The train step as build_run compiles it (tiny config, 8 fake devices): frozen text encoder,
+optimizer coverage, EMA, determinism, non-finite updates skipped, gradient accumulation."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from configs import tiny
-from models.factory import build_frozen_text_encoder, build_unet, text_conditioning_fn
-from train.loop import schedule_from_config, synthetic_tokenizer_workdir
-from train.state import TrainState, ema_decay_at, ema_update, make_optimizer
-from train.step import make_train_step
+from tests.train_runs import batch_for, fresh_state, leaves, tiny_run
+from train.state import ema_decay_at, ema_update
 
 
 @pytest.fixture(scope="module")
-def setup():
-    return _setup()
+def run():
+    return tiny_run()
 
 
-def _setup(seed=0):
-    config = tiny.get_config()
-    tokenizer, text_graphdef, text_params = build_frozen_text_encoder(
-        config.model, synthetic_tokenizer_workdir(config))
-    unet_graphdef, params = nnx.split(build_unet(config.model, nnx.Rngs(seed)))
-    optimizer, lr_fn = make_optimizer(config.optim, config.train.num_train_steps)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=optimizer.init(params), ema_params=params,
-                       rng=jax.random.PRNGKey(seed))
-    step = jax.jit(make_train_step(
-        unet_graphdef=unet_graphdef,
-        encode_text=text_conditioning_fn(config.model, tokenizer, text_graphdef),
-        schedule=schedule_from_config(config), optimizer=optimizer, learning_rate_fn=lr_fn,
-        config=config, empty_input_ids=jnp.asarray(tokenizer([""])[0])))
-    rng = np.random.default_rng(seed)
-    size = config.data.image_size
-    batch = {
-        "images": rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8),
-        "input_ids": tokenizer(["a red circle in the top left"] * 8),
-    }
-    return config, state, text_params, step, batch
-
-
-def _leaves(tree):
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
-
-
-def test_text_encoder_is_frozen_and_not_in_optimizer(setup):
-    _, state, text_params, step, batch = setup
-    before = _leaves(text_params)
+def test_text_encoder_is_frozen_and_not_in_optimizer(run):
+    state, batch = fresh_state(run), batch_for(run)
+    before = leaves(run.text_params)
     num_unet_leaves = len(jax.tree_util.tree_leaves(state.params))
     for _ in range(2):
-        state, metrics = step(state, text_params, batch)
-    assert all(np.array_equal(a, b) for a, b in zip(before, _leaves(text_params), strict=True))
+        state, metrics = run.compiled_step(state, run.text_params, batch)
+    assert all(np.array_equal(a, b) for a, b in zip(before, leaves(run.text_params), strict=True))
     # Adam moments exist for the UNet's parameters only.
     adam_leaves = [x for x in jax.tree_util.tree_leaves(state.opt_state) if np.ndim(x) > 0]
     assert len(adam_leaves) == 2 * num_unet_leaves
-    text_shapes = {np.shape(x) for x in jax.tree_util.tree_leaves(text_params)}
+    text_shapes = {np.shape(x) for x in jax.tree_util.tree_leaves(run.text_params)}
     token_embedding_shape = max(text_shapes, key=lambda s: s[0] if s else 0)
     assert token_embedding_shape not in {np.shape(x) for x in adam_leaves}
     assert int(state.step) == 2
     assert np.isfinite(float(metrics["loss"]))
 
 
-def test_step_updates_params_and_ema_lags(setup):
-    _, state, text_params, step, batch = setup
-    initial = _leaves(state.params)
+def test_step_updates_params_and_ema_lags(run):
+    state, batch = fresh_state(run), batch_for(run)
+    initial = leaves(state.params)
     for _ in range(3):
-        state, _ = step(state, text_params, batch)
-    params, ema = _leaves(state.params), _leaves(state.ema_params)
+        state, _ = run.compiled_step(state, run.text_params, batch)
+    params, ema = leaves(state.params), leaves(state.ema_params)
     moved = sum(not np.allclose(a, b) for a, b in zip(initial, params, strict=True))
     assert moved > 0.9 * len(initial)
     # EMA sits between the initial and the current parameters.
@@ -77,15 +47,57 @@ def test_step_updates_params_and_ema_lags(setup):
             break
 
 
-def test_same_seed_same_state_different_seed_differs(setup):
-    _, initial, text_params, step, batch = setup
+def test_same_seed_same_state_different_seed_differs(run):
+    batch = batch_for(run)
     results = []
     for seed in (0, 0, 1):
-        state, metrics = step(initial.replace(rng=jax.random.PRNGKey(seed)), text_params, batch)
-        results.append((float(metrics["loss"]), _leaves(state.params)))
+        state = fresh_state(run, 0).replace(rng=jax.random.PRNGKey(seed))
+        for _ in range(2):
+            state, metrics = run.compiled_step(state, run.text_params, batch)
+        results.append((float(metrics["loss"]), leaves(state.params)))
     assert results[0][0] == results[1][0]
     assert all(np.array_equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
     assert results[0][0] != results[2][0]
+
+
+def test_nonfinite_update_is_skipped_and_counted(run):
+    batch = batch_for(run)
+    state, _ = run.compiled_step(fresh_state(run), run.text_params, batch)
+    good = [leaves(state.params), leaves(state.opt_state), leaves(state.ema_params)]
+    # A NaN in the frozen encoder makes the conditioning, the loss and every gradient NaN.
+    poisoned = jax.device_put(
+        jax.tree_util.tree_map(lambda x: x * jnp.nan, run.text_params), run.text_shardings)
+    for expected_in_a_row in (1, 2):
+        state, metrics = run.compiled_step(state, poisoned, batch)
+        assert not np.isfinite(float(metrics["loss"]))
+        assert int(metrics["nonfinite_in_a_row"]) == expected_in_a_row
+    assert int(metrics["skipped_nonfinite"]) == 2
+    assert int(state.step) == 3  # the step counter (and the data) moves on
+    kept = [leaves(state.params), leaves(state.opt_state), leaves(state.ema_params)]
+    for before, after in zip(good, kept, strict=True):
+        assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    state, metrics = run.compiled_step(state, run.text_params, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(metrics["nonfinite_in_a_row"]) == 0 and int(state.nonfinite_in_a_row) == 0
+    assert int(state.skipped_nonfinite) == 2
+    assert not all(np.array_equal(a, b)
+                   for a, b in zip(good[0], leaves(state.params), strict=True))
+
+
+def test_gradient_accumulation_matches_the_whole_batch(run):
+    accumulated = tiny_run(grad_accum_steps=2)
+    batch = batch_for(run)
+    whole, split = fresh_state(run), fresh_state(accumulated)
+    # Two steps: the first has learning rate 0 (warmup), the second applies an update that
+    # depends on both steps' gradients.
+    for _ in range(2):
+        whole, whole_metrics = run.compiled_step(whole, run.text_params, batch)
+        split, split_metrics = accumulated.compiled_step(split, accumulated.text_params, batch)
+        np.testing.assert_allclose(split_metrics["loss"], whole_metrics["loss"], rtol=1e-5)
+        np.testing.assert_allclose(split_metrics["grad_norm"], whole_metrics["grad_norm"],
+                                   rtol=1e-4)
+    for a, b in zip(leaves(whole.params), leaves(split.params), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
 def test_ema_update_and_warmup():

@@ -8,6 +8,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # (substring of jax's device_kind, lower-case) -> dense bf16 FLOP/s per device. More specific
 # names first: "h100 pcie" before "h100".
@@ -17,9 +19,9 @@ PEAK_BF16_FLOPS = (
     ("h100", 989e12),  # H100 SXM5
     ("a100", 312e12),
     ("tpu v6", 918e12),  # v6e (Trillium)
-    ("tpu v5p", 459e12),
     ("tpu v5 lite", 197e12),  # v5e reports itself as "TPU v5 lite"
     ("tpu v5e", 197e12),
+    ("tpu v5", 459e12),  # v5p ("TPU v5p", or "TPU v5")
     ("tpu v4", 275e12),
 )
 
@@ -34,18 +36,21 @@ def peak_flops_per_device(device=None) -> float | None:
     return None
 
 
-def measured_matmul_peak(size: int = 2048, repeats: int = 10, device=None) -> float:
-    """FLOP/s of a jitted float32 [size x size] matmul on one device: the practical peak of a
-    CPU (or anything missing from the table), measured now so a shared machine's load shows in
-    numerator and denominator alike."""
-    device = jax.devices()[0] if device is None else device
-    matrix = jax.device_put(jnp.ones((size, size), jnp.float32), device)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(matrix).block_until_ready()
+def measured_matmul_peak(size: int = 2048, repeats: int = 10, devices=None) -> float:
+    """FLOP/s per device of a jitted float32 [size x size] matmul, run on all `devices` at once
+    (default: all local devices; with one single-threaded CPU device per core each core runs
+    its own). The practical peak of a CPU, or of anything missing from the table, measured now
+    so that a shared machine's load shows in numerator and denominator alike."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    mesh = Mesh(np.asarray(devices), ("devices",))
+    matrices = jax.device_put(jnp.ones((len(devices), size, size), jnp.float32),
+                              NamedSharding(mesh, PartitionSpec("devices")))
+    matmul = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x))
+    matmul(matrices).block_until_ready()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        matmul(matrix).block_until_ready()
+        matmul(matrices).block_until_ready()
         times.append(time.perf_counter() - start)
     # The median: robust to another process taking the cores for one repeat.
     return 2 * size**3 / sorted(times)[len(times) // 2]
@@ -56,7 +61,7 @@ def device_peak_flops(device=None) -> tuple[float, str]:
     peak = peak_flops_per_device(device)
     if peak is not None:
         return peak, "table"
-    return measured_matmul_peak(device=device), "measured matmul"
+    return measured_matmul_peak(devices=None if device is None else [device]), "measured matmul"
 
 
 def mfu(flops_per_step_per_device: float, step_seconds: float, peak_flops: float) -> float:

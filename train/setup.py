@@ -56,6 +56,7 @@ class Run:
     tokenizer: Any
     text_graphdef: Any
     text_params: Any  # placed on the mesh
+    text_shardings: Any
     encode_text: Callable  # encode(text_params, input_ids) -> {"hidden", "pooled"}
     unet_graphdef: Any
     schedule: Any
@@ -125,14 +126,16 @@ def build_run(
     init: bool = True,
     global_batch_size: int | None = None,
     process_count: int | None = None,
+    compile: bool = True,
 ) -> Run:
     """Build and compile the run `config` describes on `mesh`.
 
     `workdir` holds what the data preparation left for the model (the demo's BPE tokenizer).
     `init=True` also creates the initial state (compiled in a second thread while the step
     compiles: XLA compiles each program on one core). `global_batch_size` overrides
-    config.train.global_batch_size (the bench). Raises ValueError before compiling when the
-    batch does not divide over the mesh.
+    config.train.global_batch_size (the bench). `compile=False` skips the ahead-of-time
+    compilation (`compiled_step` is None; `jax.eval_shape(run.train_step, ...)` still works).
+    Raises ValueError before compiling when the batch does not divide over the mesh.
     """
     train_cfg = config.train
     batch_axes = tuple(config.mesh.batch_axes)
@@ -191,17 +194,18 @@ def build_run(
     # compiles the parameter initialisation at the same time, in a second thread: the random
     # initialisers take about as long to compile as the step.
     start = time.time()
-    state = None
+    state = compiled_step = None
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile") as pool:
         init_future = pool.submit(jitted_init.lower(rng).compile) if init else None
-        compiled_step = train_step.lower(
-            _abstract(abstract_state, state_shardings),
-            _abstract(text_params, text_shardings),
-            abstract_batch,
-        ).compile()
+        if compile:
+            compiled_step = train_step.lower(
+                _abstract(abstract_state, state_shardings),
+                _abstract(text_params, text_shardings),
+                abstract_batch,
+            ).compile()
         if init_future is not None:
             state = init_future.result()(rng)
-    figures = compiled_figures(compiled_step)
+    figures = compiled_figures(compiled_step) if compile else {}
     figures["compile_seconds"] = time.time() - start
     figures["unet_params"] = int(
         sum(x.size for x in jax.tree_util.tree_leaves(abstract_state.params)))
@@ -213,6 +217,7 @@ def build_run(
     return Run(
         mesh=mesh, rules=rules, batch_axes=batch_axes, global_batch_size=global_batch,
         tokenizer=tokenizer, text_graphdef=text_graphdef, text_params=text_params,
+        text_shardings=text_shardings,
         encode_text=encode_text, unet_graphdef=unet_graphdef, schedule=schedule,
         optimizer=optimizer, learning_rate_fn=learning_rate_fn, abstract_state=abstract_state,
         state_shardings=state_shardings, data_sharding=data_sharding,

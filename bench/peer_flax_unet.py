@@ -1,0 +1,88 @@
+"""The peer side of `bench/train_throughput.py --peer`: one training step of diffusers' Flax
+`FlaxUNet2DConditionModel` (diffusers 0.35.2, the last release with Flax), timed as ours is.
+
+Runs in its own environment (diffusers 0.35.2 conflicts with the project's diffusers), started
+by train_throughput.py with one JSON argument; prints one JSON line. The step mirrors ours:
+uint8 images -> [-1, 1], noise and timesteps drawn in the step, the UNet on a fixed context,
+MSE loss, clip + AdamW, EMA, the batch split over all devices and the state replicated.
+"""
+
+import json
+import sys
+import time
+
+
+def main():
+    spec = json.loads(sys.argv[1])
+    # XLA_FLAGS (the CPU device split) come from the parent's environment.
+    import diffusers
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from diffusers import FlaxUNet2DConditionModel
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    model = FlaxUNet2DConditionModel(**spec["unet"])
+    params = model.init_weights(jax.random.PRNGKey(0))
+    batch, size, channels = spec["batch_size"], spec["image_size"], spec["unet"]["in_channels"]
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.01))
+    state = {"params": params, "opt": tx.init(params), "ema": params,
+             "step": jnp.zeros((), jnp.int32)}
+
+    def train_step(state, images, context):
+        rng = jax.random.fold_in(jax.random.PRNGKey(0), state["step"])
+        rng_t, rng_noise = jax.random.split(rng)
+        x = images.astype(jnp.float32) / 127.5 - 1.0
+        noise = jax.random.normal(rng_noise, x.shape, jnp.float32)
+        t = jax.random.randint(rng_t, (x.shape[0],), 0, 1000)
+        alpha = jnp.cos(t.astype(jnp.float32) / 1000 * jnp.pi / 2)[:, None, None, None]
+        noisy = alpha * x + jnp.sqrt(1 - alpha**2) * noise
+
+        def loss_fn(params):
+            # diffusers' Flax UNet takes NCHW.
+            out = model.apply({"params": params}, noisy.transpose(0, 3, 1, 2), t, context).sample
+            return jnp.mean((out.transpose(0, 2, 3, 1) - noise) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = jax.tree_util.tree_map(lambda e, p: e + 0.001 * (p - e), state["ema"], params)
+        return {"params": params, "opt": opt, "ema": ema, "step": state["step"] + 1}, loss
+
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    state = jax.device_put(state, rep)
+    rng = np.random.default_rng(0)
+    images = jax.device_put(rng.integers(0, 256, (batch, size, size, channels), np.uint8), data)
+    context = jax.device_put(
+        rng.standard_normal((batch, spec["context_tokens"], spec["unet"]["cross_attention_dim"]),
+                            np.float32), data)
+    step = jax.jit(train_step, in_shardings=(rep, data, data), out_shardings=(rep, rep),
+                   donate_argnums=(0,))
+    compiled = step.lower(state, images, context).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    flops = float(cost.get("flops", 0.0)) * jax.device_count() if cost else 0.0
+    for _ in range(2):
+        state, loss = compiled(state, images, context)
+    jax.block_until_ready(loss)
+    start = time.perf_counter()
+    for _ in range(spec["steps"]):
+        state, loss = compiled(state, images, context)
+    jax.block_until_ready(loss)
+    step_s = (time.perf_counter() - start) / spec["steps"]
+    print(json.dumps({
+        "diffusers": diffusers.__version__,
+        "devices": jax.device_count(),
+        "unet_params_m": round(sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6, 3),
+        "step_s": step_s,
+        "images_per_s": batch / step_s,
+        "gflops_per_step": flops / 1e9,
+        "loss_finite": bool(np.isfinite(float(loss))),
+    }))
+
+
+if __name__ == "__main__":
+    main()
