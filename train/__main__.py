@@ -40,16 +40,13 @@ class UsageError(ValueError):
     """A launch the pipeline cannot run as asked (reported in one line, exit 2)."""
 
 
-def _check_cpu_split(requested: int, global_batch_size: int, applied: str | None) -> None:
-    """--cpu_devices=-1 wants one device per core; a batch that does not divide over them used
-    to fall back to fewer devices without a word. Only CPU runs are concerned."""
+def _check_cpu_split(requested: int, global_batch_size: int, user_split: bool) -> None:
+    """--cpu_devices=-1 asks for one CPU device per core; a batch that does not divide over them
+    used to fall back to fewer devices without a word. Only CPU runs are concerned."""
     import jax
 
-    if requested != -1 or applied is not None or jax.default_backend() != "cpu":
+    if requested != -1 or user_split or jax.default_backend() != "cpu":
         return
-    if "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        if jax.local_device_count() > 1:
-            return  # the user's own split
     cores = auto_device_count()
     if cores > 1 and global_batch_size % cores:
         raise UsageError(
@@ -62,7 +59,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    applied = apply_cpu_devices_flag(_CPU_DEVICES.value, config.train.global_batch_size)
+    user_split = "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    apply_cpu_devices_flag(_CPU_DEVICES.value, config.train.global_batch_size)
     # Before anything else touches the JAX backend.
     try:
         initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -74,7 +72,7 @@ def main(argv):
     from train.loop import format_plan, train_and_evaluate
 
     setup_logging()
-    _check_cpu_split(_CPU_DEVICES.value, config.train.global_batch_size, applied)
+    _check_cpu_split(_CPU_DEVICES.value, config.train.global_batch_size, user_split)
     logging.info("JAX devices: %d (%s), processes: %d", jax.device_count(),
                  jax.default_backend(), jax.process_count())
     if _DRY_RUN.value:
