@@ -289,7 +289,7 @@ def sample_to_dir(model: LoadedModel, prompts: Sequence[str], prompts_file: str 
     todo = totals["images"] - len(done)
     bar = tqdm(total=totals["images"], initial=len(done), unit="img", desc="sample",
                disable=not progress or process != 0, dynamic_ncols=True)
-    written = 0
+    written = sampled = 0
     started = time.time()
     with open(part_path, "a", encoding="utf-8") as part:
         specs = iter_prompt_specs(prompts, prompts_file, defaults)
@@ -303,8 +303,8 @@ def sample_to_dir(model: LoadedModel, prompts: Sequence[str], prompts_file: str 
                 written += 1
             part.flush()
             bar.update(len(jobs))
-            elapsed = max(time.time() - started, 1e-9)
-            bar.set_postfix(images_per_s=f"{(bar.n - bar.initial) / elapsed:.2f}")
+            sampled += len(jobs)
+            bar.set_postfix(images_per_s=f"{sampled / max(time.time() - started, 1e-9):.2f}")
     bar.close()
     _barrier("sample_written")
     summary = {"images": totals["images"], "skipped": len(done), "sampled": todo,
