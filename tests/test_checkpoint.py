@@ -83,6 +83,35 @@ def test_round_trip_onto_a_different_mesh_and_retention(config, state, tmp_path)
     assert len(leaf.sharding.device_set) == 2
 
 
+def test_fsdp_and_replicated_restore_onto_each_other(config, tmp_path):
+    fsdp = make_mesh([("data", 2), ("fsdp", 4)])  # 8 devices, parameters split 4 ways
+    sharded = _place(_state(config, seed=3), fsdp)
+    split = [leaf for leaf in jax.tree_util.tree_leaves(sharded.params)
+             if not leaf.sharding.is_fully_replicated]
+    assert split, "the FSDP rules split some parameters"
+    with checkpoint.make_manager(str(tmp_path / "fsdp")) as manager:
+        checkpoint.save(manager, _at(sharded, 2), config=config)
+    abstract = jax.eval_shape(lambda: _state(config))
+
+    # FSDP over 8 -> replicated over 4 devices -> saved again -> FSDP over 2 devices.
+    replicated_mesh = make_mesh([("data", -1)], devices=jax.devices()[:4])
+    with checkpoint.make_manager(str(tmp_path / "fsdp")) as manager:
+        replicated_state, _ = checkpoint.restore_state(
+            manager, 2, abstract, tree_shardings(replicated_mesh, abstract, ()))
+    assert all(leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
+               for leaf in jax.tree_util.tree_leaves(replicated_state.params))
+    with checkpoint.make_manager(str(tmp_path / "replicated")) as manager:
+        checkpoint.save(manager, replicated_state, config=config)
+    small_fsdp = make_mesh([("fsdp", 2)], devices=jax.devices()[6:])
+    with checkpoint.make_manager(str(tmp_path / "replicated")) as manager:
+        back, _ = checkpoint.restore_state(
+            manager, 2, abstract, tree_shardings(small_fsdp, abstract))
+    assert any(not leaf.sharding.is_fully_replicated
+               for leaf in jax.tree_util.tree_leaves(back.params))
+    for expected, got in zip(_leaves(_at(sharded, 2)), _leaves(back), strict=True):
+        np.testing.assert_array_equal(expected, got)
+
+
 def test_sampler_restores_only_ema_params(config, state, tmp_path):
     workdir = str(tmp_path)
     with checkpoint.make_manager(workdir) as manager:
