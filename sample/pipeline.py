@@ -143,9 +143,10 @@ class Sampler:
                             config.model.unet.out_channels)
         self.data = NamedSharding(model.mesh, P("data"))
         self._programs = {}
-        self._encode = jax.jit(
+        # The text encoder too runs per device on its own rows (see program()).
+        self._encode = jax.jit(jax.shard_map(
             text_conditioning_fn(config.model, model.tokenizer, model.text_graphdef),
-            out_shardings=self.data)
+            mesh=model.mesh, in_specs=(P(), P("data")), out_specs=P("data"), check_vma=False))
 
     def program(self, steps: int):
         if steps not in self._programs:

