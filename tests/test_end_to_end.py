@@ -101,8 +101,8 @@ def test_cli_errors_are_clear(tmp_path):
     empty.mkdir()
     missing = run_cli("sample", "--workdir", str(empty), "--prompt", "x", "--out",
                       str(tmp_path / "o"), check=False)
-    assert missing.returncode != 0
-    assert "not a training workdir" in missing.stderr
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("sample: error: ") and str(empty) in missing.stderr
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n  \n")
