@@ -14,17 +14,16 @@ from tqdm.auto import tqdm
 from data_pipeline import input_pipeline
 from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
 from models.factory import abstract_unet
-from train import checkpoint, lock, setup
+from train import checkpoint, lock
 from train.config_check import ConfigError, validate_config
 from train.metrics import MetricWriter
 from train.preemption import PreemptionWatch
 from train.setup import build_run
 from train.sharding import check_batch_divides, data_parallel_size, make_mesh
 
-# Moved to their owners; importable from here until the benches and tests that still name
-# train.loop import them from data_pipeline.input_pipeline and train.setup.
+# Moved to the data pipeline; importable from here until tests/test_sample.py imports it from
+# data_pipeline.input_pipeline.
 synthetic_tokenizer_workdir = input_pipeline.synthetic_tokenizer_workdir
-schedule_from_config = setup.schedule_from_config
 
 
 class NonFiniteLossError(FloatingPointError):
