@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion.names import KARRAS_SOLVERS, SOLVER_NAMES
 from diffusion.parameterization import check_prediction_type
 from diffusion.schedules import NoiseSchedule
 from diffusion.solvers import ddim_step, ddpm_step, previous_timesteps, sampling_timesteps
@@ -304,18 +305,10 @@ def _make_dpmpp_2m(schedule, prediction_type, num_steps, spacing, *, karras, ste
                   lambda noise: (noise, jnp.zeros_like(noise)), step, stochastic=False)
 
 
-# The one list of solver names: the config check, the CLI and the loop all read it.
-SOLVERS = {
-    "ddpm": _make_ddpm,
-    "ddim": _make_ddim,
-    "dpmpp_2m": _make_dpmpp_2m,
-    "euler": _make_euler,
-    "euler_ancestral": _make_euler_ancestral,
-    "heun": _make_heun,
-}
-SOLVER_NAMES = tuple(SOLVERS)
-# Solvers that take a Karras sigma schedule (DDPM / DDIM step on the training timesteps).
-KARRAS_SOLVERS = ("dpmpp_2m", "euler", "euler_ancestral", "heun")
+# The registry: every name of diffusion.names.SOLVER_NAMES (the one list the config check, the
+# CLI and the bench read) mapped to its builder.
+SOLVERS = dict(zip(SOLVER_NAMES, (_make_ddpm, _make_ddim, _make_dpmpp_2m, _make_euler,
+                                  _make_euler_ancestral, _make_heun), strict=True))
 
 
 def make_solver(

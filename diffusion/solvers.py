@@ -14,10 +14,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion.names import TIMESTEP_SPACINGS
 from diffusion.parameterization import check_prediction_type, predict_x0_and_eps
 from diffusion.schedules import NoiseSchedule, alphas_cumprod_at
-
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 def sampling_timesteps(

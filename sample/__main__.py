@@ -12,8 +12,7 @@ import sys
 
 from absl import app, flags
 
-from diffusion.sampling import SOLVER_NAMES
-from diffusion.solvers import TIMESTEP_SPACINGS
+from diffusion.names import SOLVER_NAMES, TIMESTEP_SPACINGS
 from train.distributed import define_distributed_flags, initialize
 from train.host_devices import apply_cpu_devices_flag, define_cpu_devices_flag
 
@@ -50,7 +49,7 @@ def main(argv):
     apply_cpu_devices_flag(_CPU_DEVICES.value)
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from sample.pipeline import load_model, options_from_config, sample_to_dir
-    from sample.prompts import check_settings, scan_prompts
+    from sample.prompts import PromptDefaults, check_settings, scan_prompts
     from train.log_setup import setup_logging
 
     setup_logging()
@@ -62,13 +61,16 @@ def main(argv):
         raise ValueError(f"--guidance_rescale must be in [0, 1], got {_RESCALE.value}")
     check_settings("flags", seed=_SEED.value or 0, cfg_scale=_CFG.value or 0.0,
                    num_images=_NUM.value, steps=_STEPS.value or 1)
+    # The prompts are checked before the checkpoint is read: a bad line fails in a second.
+    scan_prompts(_PROMPT.value, _PROMPTS_FILE.value, PromptDefaults(
+        seed=_SEED.value or 0, cfg_scale=_CFG.value or 0.0, num_images=_NUM.value,
+        steps=_STEPS.value or 1))
     model = load_model(_WORKDIR.value, _STEP.value)
     options = options_from_config(
         model.config, sampler=_SAMPLER.value, steps=_STEPS.value, cfg_scale=_CFG.value,
         eta=_ETA.value, seed=_SEED.value, num_images_per_prompt=_NUM.value,
         negative_prompt=_NEGATIVE.value, karras_sigmas=_KARRAS.value,
         guidance_rescale=_RESCALE.value, timestep_spacing=_SPACING.value)
-    scan_prompts(_PROMPT.value, _PROMPTS_FILE.value, options.defaults())
     summary = sample_to_dir(model, _PROMPT.value, _PROMPTS_FILE.value, options, _OUT.value,
                             batch_size=_BATCH.value, grid=_GRID.value)
     print(f"sampled {summary['sampled']} of {summary['images']} images "
