@@ -28,8 +28,9 @@ def main():
     params = model.init_weights(jax.random.PRNGKey(0))
     batch, size, channels = spec["batch_size"], spec["image_size"], spec["unet"]["in_channels"]
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.01))
-    state = {"params": params, "opt": tx.init(params), "ema": params,
-             "step": jnp.zeros((), jnp.int32)}
+    # The EMA gets its own buffers: the state is donated to the step.
+    state = {"params": params, "opt": tx.init(params),
+             "ema": jax.tree_util.tree_map(jnp.copy, params), "step": jnp.zeros((), jnp.int32)}
 
     def train_step(state, images, context):
         rng = jax.random.fold_in(jax.random.PRNGKey(0), state["step"])
