@@ -36,13 +36,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 PEER_DIFFUSERS = "diffusers==0.35.2"
-# The peer-size UNet (6.7M parameters): diffusers' classic layout, channels 64/128/128,
-# cross-attention on the two higher-resolution levels and the mid block, 32x32, batch 32,
-# 16 context tokens of width 128.
+# The peer-size UNet (6.7M parameters): channels 64/128/128, cross-attention on the two lower
+# resolution levels (16x16, 8x8) and the mid block, 32x32, batch 32, 16 context tokens of
+# width 128.
 PEER_UNET = {
     "sample_size": 32, "in_channels": 3, "out_channels": 3,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     "block_out_channels": (64, 128, 128), "layers_per_block": 1, "attention_head_dim": 8,
     "cross_attention_dim": 128, "norm_num_groups": 32, "transformer_layers_per_block": 1,
     "class_embed_type": None, "projection_class_embeddings_input_dim": None,
