@@ -9,6 +9,7 @@ from flax import nnx
 from PIL import Image
 
 from configs import tiny
+from data_pipeline.input_pipeline import synthetic_tokenizer_workdir
 from models.factory import build_frozen_text_encoder, build_unet
 from sample.pipeline import (
     EmptyPromptListError,
@@ -19,7 +20,6 @@ from sample.pipeline import (
     write_outputs,
 )
 from sample.prompts import PromptDefaults, PromptFileError, iter_prompt_specs
-from train.loop import synthetic_tokenizer_workdir
 from train.sharding import make_mesh, replicated
 
 PROMPTS = ["a red circle in the top left", "a blue square in the center", "a green triangle"]

@@ -21,10 +21,6 @@ from train.preemption import PreemptionWatch
 from train.setup import build_run
 from train.sharding import check_batch_divides, data_parallel_size, make_mesh
 
-# Moved to the data pipeline; importable from here until tests/test_sample.py imports it from
-# data_pipeline.input_pipeline.
-synthetic_tokenizer_workdir = input_pipeline.synthetic_tokenizer_workdir
-
 
 class NonFiniteLossError(FloatingPointError):
     """Training diverged (too many non-finite steps in a row); the last good checkpoint is kept."""

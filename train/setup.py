@@ -24,7 +24,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from diffusion.schedules import make_schedule
+from diffusion.schedules import schedule_from_config
 from models.factory import (
     abstract_unet,
     build_frozen_text_encoder,
@@ -72,11 +72,6 @@ class Run:
     figures: dict  # per-device memory, FLOPs, parameter and state sizes
     rng: jax.Array
     state: TrainState | None = None
-
-
-def schedule_from_config(config: ml_collections.ConfigDict):
-    d = config.diffusion
-    return make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end)
 
 
 def mesh_rules(config: ml_collections.ConfigDict) -> tuple:
@@ -153,7 +148,7 @@ def build_run(
     encode_text = text_conditioning_fn(config.model, tokenizer, text_graphdef)
     unet_graphdef, _ = abstract_unet(config.model)
     optimizer, learning_rate_fn = make_optimizer(config.optim, train_cfg.num_train_steps)
-    schedule = schedule_from_config(config)
+    schedule = schedule_from_config(config.diffusion)
 
     def init_state(rng):
         unet = build_unet(config.model, nnx.Rngs(params=jax.random.fold_in(rng, 1)))
