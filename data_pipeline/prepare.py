@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep_uncaptioned", action="store_true",
                         help="keep images without a caption (empty caption list)")
     # One by default: on the 2-core machine this was measured on, parallel workers were slower
-    # (docs/notes/prepare.md); on idle cores, threads overlap decoding (PIL drops the GIL).
+    # (docs/prepare.md); on idle cores, threads overlap decoding (PIL drops the GIL).
     parser.add_argument("--num_workers", type=int, default=1,
                         help="parallel validation workers (processes: one below "
                         f"{MIN_ITEMS_FOR_PROCESSES} images)")

@@ -3,7 +3,7 @@
 2 processes x 2 CPU devices train the tiny config; their parameters match a 1-process 4-device
 run of the same config and seed (the data pipeline gives the same global batches whatever the
 process count), and the 2-process checkpoint samples in a single process. Also: the explicit
-multi-host flag form of docs/notes/cluster_run.md parses and dry-runs in one process.
+multi-host flag form of docs/cluster.md parses and dry-runs in one process.
 """
 
 import os
@@ -130,7 +130,7 @@ def test_two_processes_match_one_process_and_sample_in_one(tmp_path):
 
 @pytest.mark.slow
 def test_explicit_multihost_flags_parse_and_dry_run(tmp_path):
-    """The explicit-flag launch of docs/notes/cluster_run.md, on one process."""
+    """The explicit-flag launch of docs/cluster.md, on one process."""
     result = subprocess.run(
         [*TRAIN, "--workdir", str(tmp_path), "--dry_run", *_distributed_flags(_free_port(), 1, 0)],
         cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=900)
