@@ -12,7 +12,7 @@ from train.config_check import ConfigError, validate_config
     ({"source": "tfds"}, "data.tfds_name is empty"),
     ({"empty_captions": "keep"}, "data.empty_captions='keep'"),
     ({"decode_workers": "fibers"}, "data.decode_workers='fibers'"),
-    ({"source": "tar", "shards": "x.tar", "decode_workers": "processes"}, "random-access"),
+    ({"source": "tar", "decode_workers": "processes"}, "random-access"),
     ({"num_workers": 0}, "data.num_workers=0"),
     ({"storage_options": "endpoint=x"}, "storage_options is not a JSON object"),
     ({"storage_options": "[1]"}, "must be a JSON object"),

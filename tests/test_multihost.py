@@ -28,13 +28,10 @@ TRAIN = [sys.executable, "-m", "train", "--config", "configs/tiny.py",
          "--config.train.sample_every_steps=0", "--config.train.log_every_steps=2"]
 
 
-def _env(devices: int, cache_dir=None) -> dict:
+def _env(devices: int) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    if cache_dir is not None:  # runs of the same program compile it once
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    # Runs of the same program compile it once: conftest's JAX_COMPILATION_CACHE_DIR is inherited.
     return env
 
 
@@ -100,8 +97,7 @@ def test_two_processes_match_one_process_and_sample_in_one(tmp_path):
                        .glob("process_*.json"))
     assert positions == ["process_0-of-2.json", "process_1-of-2.json"]
 
-    cache = tmp_path / "jax_cache"
-    one = subprocess.run([*TRAIN, "--workdir", str(single)], cwd=ROOT, env=_env(4, cache),
+    one = subprocess.run([*TRAIN, "--workdir", str(single)], cwd=ROOT, env=_env(4),
                          capture_output=True, text=True, timeout=1500)
     _check(one, one.stderr)
     for got, expected in zip(_ema(multi, NUM_STEPS), _ema(single, NUM_STEPS), strict=True):
@@ -120,7 +116,7 @@ def test_two_processes_match_one_process_and_sample_in_one(tmp_path):
     # data position is a global batch index, whatever the process count.
     resumed = subprocess.run(
         [*TRAIN, "--workdir", str(multi), f"--config.train.num_train_steps={NUM_STEPS + 2}"],
-        cwd=ROOT, env=_env(4, cache), capture_output=True, text=True, timeout=1500)
+        cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=1500)
     _check(resumed, resumed.stderr)
     assert f"at step {NUM_STEPS}" in resumed.stderr
     assert checkpoint.latest_step(str(multi)) == NUM_STEPS + 2
