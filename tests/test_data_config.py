@@ -12,7 +12,7 @@ from train.config_check import ConfigError, validate_config
     ({"source": "tfds"}, "data.tfds_name is empty"),
     ({"empty_captions": "keep"}, "data.empty_captions='keep'"),
     ({"decode_workers": "fibers"}, "data.decode_workers='fibers'"),
-    ({"source": "tar", "decode_workers": "processes"}, "random-access"),
+    ({"source": "tar", "paths": "x.tar", "decode_workers": "processes"}, "random-access"),
     ({"num_workers": 0}, "data.num_workers=0"),
     ({"storage_options": "endpoint=x"}, "storage_options is not a JSON object"),
     ({"storage_options": "[1]"}, "must be a JSON object"),
@@ -26,7 +26,7 @@ def test_bad_data_fields_are_named(changes, message):
 
 def test_every_source_with_its_fields_passes():
     for changes in ({"source": "synthetic"}, {"source": "arrayrecord", "paths": "/d"},
-                    {"source": "tar", "shards": "/d", "paths": "/d"},
+                    {"source": "tar", "paths": "/d"},
                     {"source": "tfds", "tfds_name": "my_captions"},
                     {"storage_options": '{"endpoint_url": "http://127.0.0.1:9000"}'}):
         config = demo.get_config()
