@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from data_pipeline import input_pipeline
 from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
 from models.factory import abstract_unet
-from train import checkpoint, lock
+from train import checkpoint, lock, mfu
 from train.config_check import ConfigError, validate_config
 from train.metrics import MetricWriter
 from train.preemption import PreemptionWatch
@@ -55,19 +55,6 @@ def _workdir_lock(workdir):
     finally:
         if path is not None:
             lock.release(path)
-
-
-def _peak_flops_per_device() -> tuple[float | None, str]:
-    """The device's peak for MFU: the accelerator table, else a short matmul measurement."""
-    try:
-        from train import mfu
-    except ImportError:
-        return None, "unavailable"
-    peak = mfu.peak_flops_per_device()
-    if peak is not None:
-        return peak, "table"
-    # A small matmul keeps the measurement to a fraction of a second on a loaded CPU.
-    return mfu.measured_matmul_peak(size=1024, repeats=5), "measured matmul"
 
 
 def _sharding_summary(abstract_state, state_shardings) -> dict:
@@ -148,7 +135,7 @@ def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemptio
     latest = checkpoint.latest_step(workdir)
     if latest is not None:
         checkpoint.check_compatible(workdir, latest, config, abstract_unet(config.model)[1])
-    _prepare_inputs(config, workdir)
+    input_pipeline.prepare_inputs(config, str(workdir))
     if not dry_run:
         checkpoint.save_config(workdir, config)
 
@@ -207,7 +194,8 @@ def _train_loop(config, workdir, *, state, compiled_step, text_params, data_iter
     num_steps = train_cfg.num_train_steps
     max_in_a_row = train_cfg.get("max_consecutive_nonfinite", 0)
     flops = cost.get("flops_per_step_per_device")
-    peak, peak_source = _peak_flops_per_device() if flops else (None, "")
+    # On CPU a small matmul keeps the peak measurement to a fraction of a second.
+    peak, peak_source = mfu.device_peak_flops(size=1024, repeats=5) if flops else (None, "")
     if peak:
         logging.info("MFU against %.4g FLOP/s per device (%s)", peak, peak_source)
 
@@ -273,7 +261,7 @@ def _train_loop(config, workdir, *, state, compiled_step, text_params, data_iter
                     if flops:
                         scalars["train/tflops_per_device"] = flops / step_seconds / 1e12
                     if peak:
-                        scalars["train/mfu"] = flops / step_seconds / peak
+                        scalars["train/mfu"] = mfu.mfu(flops, step_seconds, peak)
                     scalars.update({f"data/{k}": v for k, v in data_iter.counters().items()})
                     writer.scalars(done, scalars)
                     progress.set_postfix(
@@ -310,11 +298,6 @@ def _train_loop(config, workdir, *, state, compiled_step, text_params, data_iter
     summary["step"] = int(jax.device_get(state.step))
     summary["data"] = data_iter.counters()
     return summary
-
-
-def _prepare_inputs(config, workdir) -> None:
-    """What the data source needs on disk before its iterator starts (process 0, then a barrier)."""
-    input_pipeline.prepare_inputs(config, str(workdir))
 
 
 def _open_data(config, workdir, tokenizer, batch_per_process: int):

@@ -56,12 +56,13 @@ def measured_matmul_peak(size: int = 2048, repeats: int = 10, devices=None) -> f
     return 2 * size**3 / sorted(times)[len(times) // 2]
 
 
-def device_peak_flops(device=None) -> tuple[float, str]:
+def device_peak_flops(device=None, *, size: int = 2048, repeats: int = 10) -> tuple[float, str]:
     """(peak FLOP/s per device, where it comes from: "table" or "measured matmul")."""
     peak = peak_flops_per_device(device)
     if peak is not None:
         return peak, "table"
-    return measured_matmul_peak(devices=None if device is None else [device]), "measured matmul"
+    devices = None if device is None else [device]
+    return measured_matmul_peak(size, repeats, devices), "measured matmul"
 
 
 def mfu(flops_per_step_per_device: float, step_seconds: float, peak_flops: float) -> float:

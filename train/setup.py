@@ -219,25 +219,3 @@ def build_run(
         abstract_batch=abstract_batch, init_state=jitted_init, train_step=train_step,
         compiled_step=compiled_step, figures=figures, rng=rng, state=state,
     )
-
-
-def describe(run: Run) -> str:
-    """A few lines for a dry run / the log: mesh, how the state is split, memory, FLOPs."""
-    leaves = jax.tree_util.tree_leaves(run.state_shardings.params)
-    sharded = sum(not s.is_fully_replicated for s in leaves)
-    per_device = run.global_batch_size // run.mesh.size
-    lines = [
-        f"mesh {dict(run.mesh.shape)} over {run.mesh.size} devices, rules {dict(run.rules)}",
-        f"global batch {run.global_batch_size}, {per_device} per device; "
-        f"UNet {run.figures['unet_params'] / 1e6:.2f}M parameters, {sharded} of {len(leaves)} "
-        "parameter arrays split",
-        f"train state {run.figures['state_bytes_per_device'] / 2**20:.1f} MiB per device",
-    ]
-    if "memory_bytes_per_device" in run.figures:
-        lines.append(
-            f"compiled step: {run.figures['memory_bytes_per_device'] / 2**20:.1f} MiB per device")
-    if "flops_per_step_per_device" in run.figures:
-        lines.append(
-            f"compiled step: {run.figures['flops_per_step_per_device'] / 1e9:.2f} GFLOP per "
-            "device per step")
-    return "\n".join(lines)
