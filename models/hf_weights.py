@@ -25,6 +25,11 @@ def _torch_name(path: tuple) -> str:
     return ".".join((*parents, _TORCH_LEAF_NAME[leaf]))
 
 
+def torch_name(path: tuple) -> str:
+    """The torch state-dict name of the parameter at NNX `path` (e.g. `conv_in.weight`)."""
+    return _torch_name(path)
+
+
 def _kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
     ndim = kernel.ndim
     return np.transpose(kernel, (ndim - 1, ndim - 2, *range(ndim - 2)))
