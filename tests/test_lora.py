@@ -1,0 +1,159 @@
+"""LoRA: surgery, the training split, merging, and files that PyTorch tools read and write.
+
+References are diffusers' PyTorch pipeline with peft: a tiny random SD 1.x pipeline
+(`tests/tiny_sd.py`) loads our exported file with `load_lora_weights`, and reads kohya-named
+files with its own conversion code, so our naming is checked against the code users run.
+Everything runs eagerly on tiny models: no XLA compile per LoRA variant.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import lora as lora_lib
+from models.hf_weights import load_torch_state_dict, read_safetensors
+from models.text_encoder import CLIPTextTransformer
+from models.unet import UNet2DConditionModel, unet_kwargs_from_diffusers_config
+from tests.tiny_sd import LATENT_CHANNELS, LATENT_SIZE, TEXT_WIDTH, build_tiny_sd_pipeline
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+UNET_RANK, UNET_ALPHA = 2, 6.0  # scale 3: a file that dropped alpha could not match
+TEXT_RANK, TEXT_ALPHA = 2, 1.0
+# proj_in is a 1x1 conv in SD 1.x: LoRA on convs goes through the same files.
+UNET_TARGETS = (*lora_lib.DEFAULT_TARGETS, "proj_in")
+_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps")
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    path = build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd"), version="1.x")
+    unet_config = json.loads((path / "unet" / "config.json").read_text())
+    text_config = json.loads((path / "text_encoder" / "config.json").read_text())
+    rng = np.random.default_rng(0)
+    return {
+        "path": path,
+        "unet_kwargs": unet_kwargs_from_diffusers_config(unet_config),
+        "unet_state": read_safetensors(path / "unet" / "diffusion_pytorch_model.safetensors"),
+        "text_kwargs": {key: text_config[key] for key in _TEXT_FIELDS},
+        "text_state": {k.removeprefix("text_model."): v for k, v in
+                       read_safetensors(path / "text_encoder").items()
+                       if k != "text_model.embeddings.position_ids"},
+        "sample": rng.standard_normal((2, LATENT_SIZE, LATENT_SIZE, LATENT_CHANNELS),
+                                      dtype=np.float32),
+        "timesteps": np.array([10, 700]),
+        "context": rng.standard_normal((2, 7, TEXT_WIDTH), dtype=np.float32),
+        "input_ids": rng.integers(0, text_config["vocab_size"] - 1, (2, 9)),
+    }
+
+
+def _unet(sd):
+    module = nnx.eval_shape(lambda: UNet2DConditionModel(**sd["unet_kwargs"], rngs=nnx.Rngs(0)))
+    load_torch_state_dict(module, sd["unet_state"])
+    return module
+
+
+def _text_encoder(sd):
+    module = nnx.eval_shape(lambda: CLIPTextTransformer(**sd["text_kwargs"], rngs=nnx.Rngs(0)))
+    load_torch_state_dict(module, sd["text_state"])
+    return module
+
+
+def _run_unet(module, sd):
+    return np.asarray(module(jnp.asarray(sd["sample"]), jnp.asarray(sd["timesteps"]),
+                             jnp.asarray(sd["context"])))
+
+
+def _run_text(module, sd):
+    return np.asarray(module(jnp.asarray(sd["input_ids"])))
+
+
+def _randomise_lora(module, seed):
+    """Non-zero A and B everywhere (B starts at zero, which would hide a wrong B layout)."""
+    rng = np.random.default_rng(seed)
+    for _, variable in nnx.to_flat_state(nnx.state(module, lora_lib.LORA_PARAMS)):
+        variable.set_value(jnp.asarray(0.3 * rng.standard_normal(variable.shape), jnp.float32))
+
+
+def _torch_unet_out(unet, sd):
+    with torch.no_grad():
+        out = unet(torch.from_numpy(sd["sample"]).permute(0, 3, 1, 2),
+                   torch.from_numpy(sd["timesteps"]), torch.from_numpy(sd["context"])).sample
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+def _torch_text_out(text_encoder, sd):
+    with torch.no_grad():
+        return text_encoder(torch.from_numpy(sd["input_ids"])).last_hidden_state.numpy()
+
+
+@pytest.fixture(scope="module")
+def trained(sd):
+    """Our UNet and text encoder with random non-zero LoRA factors, and their outputs."""
+    unet, text = _unet(sd), _text_encoder(sd)
+    base_unet_out, base_text_out = _run_unet(unet, sd), _run_text(text, sd)
+    lora_lib.apply_lora(unet, rank=UNET_RANK, alpha=UNET_ALPHA, targets=UNET_TARGETS,
+                        rngs=nnx.Rngs(1))
+    lora_lib.apply_lora(text, rank=TEXT_RANK, alpha=TEXT_ALPHA,
+                        targets=lora_lib.TEXT_ENCODER_TARGETS, rngs=nnx.Rngs(2))
+    _randomise_lora(unet, 3)
+    _randomise_lora(text, 4)
+    out = {"unet": unet, "text": text, "unet_out": _run_unet(unet, sd),
+           "text_out": _run_text(text, sd)}
+    # Otherwise every comparison below could pass with the adapters ignored.
+    assert np.abs(out["unet_out"] - base_unet_out).max() > 0.05
+    assert np.abs(out["text_out"] - base_text_out).max() > 0.05
+    return out
+
+
+def test_fresh_adapters_change_nothing_and_split_out_alone(sd):
+    unet = _unet(sd)
+    plain_tree = jax.tree.structure(nnx.state(unet))
+    before = _run_unet(unet, sd)
+    wrapped = lora_lib.apply_lora(unet, rank=4, alpha=8.0, rngs=nnx.Rngs(0))
+
+    reference = diffusers.UNet2DConditionModel.from_pretrained(sd["path"] / "unet")
+    attentions = [m for m in reference.modules()
+                  if isinstance(m, diffusers.models.attention_processor.Attention)]
+    projections = [getattr(a, name) for a in attentions for name in ("to_q", "to_k", "to_v")]
+    projections += [a.to_out[0] for a in attentions]
+    assert wrapped == len(projections) == 4 * len(attentions) > 0
+    np.testing.assert_array_equal(_run_unet(unet, sd), before)
+
+    graphdef, base, lora = lora_lib.split_lora(unet)
+    expected = sum(4 * (p.in_features + p.out_features) for p in projections)
+    assert lora_lib.count_params(lora) == expected
+    # The frozen base is the plain model's state as it is: pretrained weights slot in.
+    assert jax.tree.structure(base) == plain_tree
+    assert lora_lib.count_params(base) == sum(v.size for v in sd["unet_state"].values())
+
+    def loss(lora_params):
+        model = nnx.merge(graphdef, base, lora_params)
+        out = model(jnp.asarray(sd["sample"]), jnp.asarray(sd["timesteps"]),
+                    jnp.asarray(sd["context"]))
+        return jnp.mean(out**2)
+
+    grads = jax.grad(loss)(lora)
+    assert jax.tree.structure(grads) == jax.tree.structure(lora)
+    b_grads = [g for path, g in nnx.to_flat_state(grads) if path[-1] == "lora_b"]
+    assert all(float(jnp.abs(g.get_value()).max()) > 0 for g in b_grads)
+    rebuilt = nnx.merge(graphdef, lora_lib.merge_params(base, lora))
+    np.testing.assert_array_equal(_run_unet(rebuilt, sd), before)
+
+
+def test_lora_forward_equals_merged_forward(sd, trained):
+    unet = _unet(sd)
+    wrapped = lora_lib.apply_lora(unet, rank=UNET_RANK, alpha=UNET_ALPHA, targets=UNET_TARGETS,
+                                  rngs=nnx.Rngs(1))
+    nnx.update(unet, nnx.state(trained["unet"], lora_lib.LORA_PARAMS))
+    assert lora_lib.merge_lora(unet) == wrapped
+    assert not nnx.to_flat_state(nnx.state(unet, lora_lib.LORA_PARAMS))
+    assert jax.tree.structure(nnx.state(unet)) == jax.tree.structure(nnx.state(_unet(sd)))
+    np.testing.assert_allclose(_run_unet(unet, sd), trained["unet_out"], atol=2e-5, rtol=1e-5)
