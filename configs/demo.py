@@ -115,6 +115,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Compute dtype of the UNet and the text encoder ("float32" or "bfloat16"); parameters,
     # gradients and optimizer state stay float32.
     model.dtype = "float32"
+    # A diffusers Stable Diffusion pipeline directory (model_index.json, unet/, vae/,
+    # text_encoder/, tokenizer/, scheduler/) to fine-tune; "" trains from scratch in pixel space.
+    # Its configs fix model.unet, model.text_encoder, the noise schedule and prediction type
+    # (models/pretrained.py); the UNet then works on the frozen VAE's latents.
+    model.pretrained = ""
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "cosine"
@@ -138,6 +143,9 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.logit_std = 1.0
     diffusion.timestep_shift = 1.0
     diffusion.min_snr_gamma = 5.0  # used only with loss_weighting="min_snr"
+    # Noise offset (Guttenberg 2023): adds offset * N(0, 1) per example and channel to the
+    # training noise, so the model learns to shift mean brightness (very dark or light images).
+    diffusion.noise_offset = 0.0
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.learning_rate = 4e-3
@@ -187,6 +195,8 @@ def get_config() -> ml_collections.ConfigDict:
     sample.eta = 0.0
     sample.cfg_scale = 4.0
     sample.timestep_spacing = "trailing"
+    # Added to every sampling timestep ("leading" spacing); Stable Diffusion's schedulers use 1.
+    sample.steps_offset = 0
     # Karras et al. 2022 sigma spacing (dpmpp_2m, euler, euler_ancestral, heun only).
     sample.karras_sigmas = False
     # Lin et al. 2023 guidance rescale in [0, 1]; 0 is plain classifier-free guidance.

@@ -76,7 +76,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive("data.shuffle_buffer", data.shuffle_buffer, allow_zero=True)
 
     unet = model.unet
-    if unet.sample_size != data.image_size:
+    # With model.pretrained the UNet works on VAE latents: models.pretrained sets its
+    # sample_size from data.image_size and checks the sizes against the VAE.
+    if not model.get("pretrained", "") and unet.sample_size != data.image_size:
         raise ConfigError(
             f"config.model.unet.sample_size={unet.sample_size} must equal "
             f"config.data.image_size={data.image_size} (pixel-space diffusion)"
@@ -154,6 +156,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             TIMESTEP_SAMPLINGS)
     _positive("diffusion.logit_std", diffusion.get("logit_std", 1.0))
     _positive("diffusion.timestep_shift", diffusion.get("timestep_shift", 1.0))
+    _positive("diffusion.noise_offset", diffusion.get("noise_offset", 0.0), allow_zero=True)
 
     _positive("optim.learning_rate", optim.learning_rate)
     _positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)
@@ -203,6 +206,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"diffusion.num_train_timesteps={diffusion.num_train_timesteps}]"
         )
     _positive("sample.batch_size", sample.batch_size)
+    steps_offset = sample.get("steps_offset", 0)
+    if not isinstance(steps_offset, int) or steps_offset < 0:
+        raise ConfigError(f"config.sample.steps_offset={steps_offset!r} must be an int >= 0")
     _positive("sample.eta", sample.eta, allow_zero=True)
 
 
