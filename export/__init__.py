@@ -1,0 +1,1 @@
+"""Export training checkpoints to the diffusers (PyTorch) layout: `python -m export`."""

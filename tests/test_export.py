@@ -1,0 +1,180 @@
+"""Export: a real Orbax checkpoint of a tiny diffusers-compatible run is written as a diffusers
+directory; diffusers' PyTorch UNet loads it and denoises as our sampler's UNet does. Models
+diffusers cannot represent are refused, through the CLI too."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from export.diffusers_export import ExportError, diffusers_unet_config, export_checkpoint
+from models.factory import abstract_unet, text_conditioning_fn
+from models.hf_weights import flat_param_names, to_torch_state_dict
+from models.unet import UNet2DConditionModel, unet_kwargs_from_diffusers_config
+from train import checkpoint
+from train.state import init_train_state, make_optimizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP = 2
+
+
+def _config(**unet):
+    """The tiny config made diffusers-compatible (no patch folding, no coordinate channels);
+    it keeps the projection class embedding and scale-shift resnets, which diffusers has."""
+    config = tiny.get_config()
+    config.model.unet.patch_size = 1
+    config.model.unet.coordinate_channels = False
+    config.model.text_encoder.tokenizer = "bytes"  # no tokenizer training in the workdir
+    config.model.text_encoder.max_length = 32
+    config.model.unet.update(unet)
+    return config
+
+
+def _save_checkpoint(workdir, config, seed=0):
+    """A checkpoint as training writes it (`train.checkpoint.save`), parameters drawn from numpy
+    rather than trained: no train-step compile. The EMA is half the raw parameters, so the two
+    cannot be confused."""
+    _, abstract = abstract_unet(config.model)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        noise = rng.standard_normal(leaf.shape)
+        if "kernel" in name:  # unit-variance activations through the depth
+            value = noise / np.sqrt(np.prod(leaf.shape[:-1]))
+        else:
+            value = ("scale" in name) + 0.1 * noise
+        return jnp.asarray(value, leaf.dtype)
+
+    params = jax.tree_util.tree_map_with_path(draw, abstract)
+    optimizer, _ = make_optimizer(config.optim, config.train.num_train_steps)
+    state = init_train_state(params, optimizer, jax.random.PRNGKey(0)).replace(
+        step=jnp.asarray(STEP, jnp.int32), ema_params=jax.tree.map(lambda p: 0.5 * p, params))
+    with checkpoint.make_manager(workdir) as manager:
+        checkpoint.save(manager, state, config=config)
+        manager.wait_until_finished()
+    return params
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    raw = _save_checkpoint(workdir, _config())
+    return workdir, raw
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "sd"
+    summary = export_checkpoint(run[0], out)
+    return out, summary
+
+
+def test_unet_config_inverts_the_import():
+    unet = dict(_config().model.unet)
+    config = diffusers_unet_config(unet)
+    assert config["_class_name"] == "UNet2DConditionModel"
+    json.dumps(config)  # all plain JSON
+    # Read back by the importer, the config builds a UNet with the same parameters.
+    kwargs = unet_kwargs_from_diffusers_config(config)
+    original = nnx.merge(*abstract_unet(_config().model))
+    rebuilt = nnx.eval_shape(lambda: UNet2DConditionModel(**kwargs, rngs=nnx.Rngs(0)))
+    assert flat_param_names(rebuilt) == flat_param_names(original)
+    # Our defaults are written out: diffusers' differ (e.g. layers_per_block 2, 32 groups).
+    assert config["layers_per_block"] == 1 and config["norm_num_groups"] == 8
+
+
+@pytest.mark.parametrize("field,value", [("patch_size", 2), ("coordinate_channels", True)])
+def test_fields_diffusers_cannot_represent_are_refused(field, value):
+    with pytest.raises(ExportError, match=f"config.model.unet.{field}={value!r} has no "
+                       "equivalent in diffusers"):
+        diffusers_unet_config(dict(_config(**{field: value}).model.unet))
+
+
+def test_export_writes_unet_only_without_a_pretrained_pipeline(exported):
+    out, summary = exported
+    assert summary.step == STEP and summary.ema and not summary.pipeline
+    assert sorted(os.listdir(out)) == ["unet"]
+    assert sorted(os.listdir(out / "unet")) == ["config.json",
+                                                "diffusion_pytorch_model.safetensors"]
+
+
+def test_exported_unet_denoises_as_our_sampler(run, exported):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from sample.pipeline import load_model
+
+    out, _ = exported
+    config = json.loads((out / "unet" / "config.json").read_text())
+    # Every key is one diffusers' UNet2DConditionModel takes (an unknown one it would ignore).
+    _, unused, _ = diffusers.UNet2DConditionModel.extract_init_dict(config)
+    assert not unused
+    reference = diffusers.UNet2DConditionModel.from_pretrained(out / "unet").eval()
+
+    # Our side: the sampler's loader, text encoder and UNet call.
+    model = load_model(run[0], devices=jax.local_devices()[:1])
+    encode = text_conditioning_fn(model.config.model, model.tokenizer, model.text_graphdef)
+    ids = np.asarray(model.tokenizer(["a red circle in the top left", "a blue square"]),
+                     np.int32)
+    text = jax.jit(encode)(model.text_params, ids)
+    rng = np.random.default_rng(1)
+    noisy = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+    timesteps = np.array([17, 901], np.int32)
+
+    @jax.jit
+    def denoise(params, x, t, text):
+        return nnx.merge(model.unet_graphdef, params)(x, t, text["hidden"],
+                                                      class_labels=text["pooled"])
+
+    ours = np.asarray(denoise(model.params, noisy, timesteps, text))
+    with torch.no_grad():
+        theirs = reference(
+            torch.from_numpy(noisy).permute(0, 3, 1, 2), torch.from_numpy(timesteps),
+            encoder_hidden_states=torch.from_numpy(np.array(text["hidden"])),
+            class_labels=torch.from_numpy(np.array(text["pooled"])),
+        ).sample.permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours).max() > 0.5  # a real output, not zeros on both sides
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_no_ema_exports_the_raw_parameters(run, exported, tmp_path):
+    from safetensors.numpy import load_file
+
+    workdir, raw = run
+    summary = export_checkpoint(workdir, tmp_path / "raw", ema=False)
+    assert not summary.ema
+    graphdef, _ = abstract_unet(_config().model)
+    expected = to_torch_state_dict(nnx.merge(graphdef, raw))
+    written = load_file(tmp_path / "raw" / "unet" / "diffusion_pytorch_model.safetensors")
+    ema = load_file(exported[0] / "unet" / "diffusion_pytorch_model.safetensors")
+    assert written.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(written[name], value, err_msg=name)
+        np.testing.assert_allclose(ema[name], 0.5 * value, rtol=1e-6, err_msg=name)
+
+
+def test_refuses_a_non_empty_out(run, exported):
+    with pytest.raises(ExportError, match="is not empty"):
+        export_checkpoint(run[0], exported[0])
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_patch_size_2_model_in_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    _save_checkpoint(str(workdir), _config(patch_size=2))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "export", "--workdir", str(workdir), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("export: error: config.model.unet.patch_size=2 has no equivalent")
+    assert not out.exists()  # refused before anything was written
