@@ -183,8 +183,14 @@ def export_checkpoint(workdir: str, out: str | Path, *, step: int | None = None,
         params = _raw_params(workdir, step, params, shardings)
     unet = nnx.merge(model.unet_graphdef, params)
 
+    unet_config = dict(config.model.unet)
+    if pretrained:
+        # Training sets sample_size to its own latent size; the pipeline's default image size
+        # (sample_size x VAE factor) stays the pretrained one.
+        original = json.loads((Path(pretrained) / UNET_DIR / CONFIG_FILE).read_text())
+        unet_config["sample_size"] = original.get("sample_size", unet_config["sample_size"])
     out.mkdir(parents=True, exist_ok=True)
-    write_unet(out / UNET_DIR, unet, config.model.unet)
+    write_unet(out / UNET_DIR, unet, unet_config)
     if pretrained:
         for name in parts:
             shutil.copytree(Path(pretrained) / name, out / name, copy_function=_link_or_copy)

@@ -178,3 +178,68 @@ def test_cli_refuses_a_patch_size_2_model_in_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("export: error: config.model.unet.patch_size=2 has no equivalent")
     assert not out.exists()  # refused before anything was written
+
+
+# 2.x (linear projections, a head count per level) is the costlier variant: slow.
+@pytest.mark.parametrize("version", ["1.x", pytest.param("2.x", marks=pytest.mark.slow)])
+def test_fine_tuned_pipeline_round_trips_through_stable_diffusion_pipeline(version, tmp_path):
+    """A run of `model.pretrained` = a tiny SD pipeline, exported: StableDiffusionPipeline loads
+    the directory, its UNet is the fine-tuned one (it denoises as our sampler's does), the other
+    parts are the pretrained ones, linked, and it generates an image."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from models.pretrained import load_unet_params, resolve_pretrained_config
+    from sample.pipeline import load_model
+    from tests.tiny_sd import IMAGE_SIZE, LATENT_SIZE, build_tiny_sd_pipeline
+    from train.sharding import make_mesh, replicated
+
+    source = build_tiny_sd_pipeline(tmp_path / "sd", version=version)
+    config = tiny.get_config()
+    config.model.pretrained = str(source)
+    config.data.image_size = IMAGE_SIZE
+    config, _ = resolve_pretrained_config(config)
+    _, abstract = abstract_unet(config.model)
+    rep = replicated(make_mesh([("data", -1)], devices=jax.local_devices()[:1]))
+    pretrained = load_unet_params(source / "unet", abstract, jax.tree.map(lambda _: rep, abstract))
+    # "Fine-tuned": every parameter moved, so a copied unet/ would not pass.
+    noise = np.random.default_rng(0)
+    tuned = jax.tree.map(
+        lambda p: p + 0.05 * jnp.asarray(noise.standard_normal(p.shape), p.dtype), pretrained)
+    optimizer, _ = make_optimizer(config.optim, config.train.num_train_steps)
+    state = init_train_state(tuned, optimizer, jax.random.PRNGKey(0)).replace(
+        step=jnp.asarray(STEP, jnp.int32))
+    workdir = str(tmp_path / "run")
+    with checkpoint.make_manager(workdir) as manager:
+        checkpoint.save(manager, state, config=config)
+        manager.wait_until_finished()
+
+    out = tmp_path / "exported"
+    summary = export_checkpoint(workdir, out)
+    assert summary.pipeline
+    assert sorted(os.listdir(out)) == ["model_index.json", "scheduler", "text_encoder",
+                                       "tokenizer", "unet", "vae"]
+    vae_weights = "vae/diffusion_pytorch_model.safetensors"
+    assert os.path.samefile(out / vae_weights, source / vae_weights)  # linked, not copied
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert pipe.unet.config.sample_size == LATENT_SIZE  # the pipeline's, not training's
+
+    model = load_model(workdir, devices=jax.local_devices()[:1])
+    encode = text_conditioning_fn(model.config.model, model.tokenizer, model.text_graphdef)
+    ids = np.asarray(model.tokenizer(["a red cat", "blue"]), np.int32)
+    hidden = np.array(jax.jit(encode)(model.text_params, ids)["hidden"])
+    with torch.no_grad():
+        torch_hidden = pipe.text_encoder(torch.from_numpy(ids).long())[0].numpy()
+    np.testing.assert_allclose(hidden, torch_hidden, atol=1e-4, rtol=1e-4)
+    latents = noise.standard_normal((2, LATENT_SIZE, LATENT_SIZE, 4)).astype(np.float32)
+    timesteps = np.array([17, 901], np.int32)
+    ours = np.asarray(jax.jit(lambda params, x, t, h: nnx.merge(model.unet_graphdef, params)(
+        x, t, h))(model.params, latents, timesteps, hidden))
+    with torch.no_grad():
+        theirs = pipe.unet(torch.from_numpy(latents).permute(0, 3, 1, 2),
+                           torch.from_numpy(timesteps), encoder_hidden_states=torch.from_numpy(
+                               hidden)).sample.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+
+    image = pipe("a red cat", num_inference_steps=2, height=IMAGE_SIZE, width=IMAGE_SIZE,
+                 output_type="np").images
+    assert image.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(image).all()
