@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from diffusion.parameterization import check_prediction_type, snr, training_target
@@ -26,6 +27,17 @@ def min_snr_weight(prediction_type: str, snr_values, gamma: float):
     if prediction_type == "v_prediction":
         return clipped / (snr_values + 1.0)
     return clipped
+
+
+def offset_noise(rng, noise, offset: float):
+    """Training noise plus `offset` x N(0, 1) per example and channel (channels last).
+
+    The noise offset of Guttenberg 2023 (diffusers' `--noise_offset`): plain Gaussian noise
+    leaves each image's mean almost untouched at every timestep, so a model never learns to
+    move the overall brightness; a shared per-channel shift teaches it.
+    """
+    shape = (noise.shape[0],) + (1,) * (noise.ndim - 2) + (noise.shape[-1],)
+    return noise + offset * jax.random.normal(rng, shape, noise.dtype)
 
 
 def diffusion_loss(

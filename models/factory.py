@@ -1,5 +1,7 @@
 """Build the networks named by a config; shared by training, sampling and the demo."""
 
+from typing import Any, NamedTuple
+
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -63,3 +65,54 @@ def text_conditioning_fn(model_config: ml_collections.ConfigDict, tokenizer, tex
                               pad_token_id=pad_id, eos_token_id=eos_id)
 
     return encode
+
+
+class FrozenVAE(NamedTuple):
+    """The frozen VAE of a latent-diffusion model: module split for jitted code, plus its
+    latent facts (scaling_factor, shift_factor, latent_channels, downsample_factor)."""
+
+    graphdef: Any
+    params: Any
+    info: dict
+
+
+def build_frozen_vae(model_config: ml_collections.ConfigDict) -> FrozenVAE | None:
+    """The VAE of `model.pretrained` (computing in `model.dtype`, parameters float32), or None
+    for a pixel-space model."""
+    directory = model_config.get("pretrained", "")
+    if not directory:
+        return None
+    from models.pretrained import load_pipeline_vae
+
+    vae, info = load_pipeline_vae(directory, dtype=compute_dtype(model_config))
+    graphdef, params = nnx.split(vae)
+    return FrozenVAE(graphdef, params, info)
+
+
+def latent_encoder_fn(vae: FrozenVAE):
+    """encode(vae_params, images in [-1, 1], rng) -> float32 latents, scaled as the UNet sees
+    them: a posterior sample of the frozen VAE, (z - shift) * scale."""
+    from models.vae import encode_to_latents
+
+    graphdef, info = vae.graphdef, vae.info
+
+    def encode(vae_params, images, rng):
+        latents = encode_to_latents(nnx.merge(graphdef, vae_params), images, rng,
+                                    info["scaling_factor"], info["shift_factor"])
+        return latents.astype(jnp.float32)
+
+    return encode
+
+
+def latent_decoder_fn(vae: FrozenVAE):
+    """decode(vae_params, latents) -> float32 images, about [-1, 1]."""
+    from models.vae import decode_from_latents
+
+    graphdef, info = vae.graphdef, vae.info
+
+    def decode(vae_params, latents):
+        images = decode_from_latents(nnx.merge(graphdef, vae_params), latents,
+                                     info["scaling_factor"], info["shift_factor"])
+        return images.astype(jnp.float32)
+
+    return decode

@@ -201,6 +201,10 @@ def resolve_pretrained_config(
     sampling settings stay the user's.
     """
     directory = config.model.get("pretrained", "")
+    if directory is None:  # a config_dict.placeholder: the config needs a directory
+        raise PretrainedError(
+            "config.model.pretrained is not set: this config fine-tunes a diffusers pipeline "
+            "directory; pass --config.model.pretrained=DIR")
     if not directory:
         return config, []
     pipeline = read_pipeline(directory)

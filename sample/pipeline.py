@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -30,9 +31,23 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
+from diffusion.guidance import classifier_free_guidance
+from diffusion.sampling import (
+    image_grid,
+    image_keys,
+    make_denoise_fn,
+    make_solver,
+    run_solver,
+    to_uint8,
+)
 from diffusion.schedules import schedule_from_config
-from models.factory import abstract_unet, build_frozen_text_encoder, text_conditioning_fn
+from models.factory import (
+    abstract_unet,
+    build_frozen_text_encoder,
+    build_frozen_vae,
+    latent_decoder_fn,
+    text_conditioning_fn,
+)
 from sample.prompts import (
     EmptyPromptListError,
     PromptDefaults,
@@ -48,8 +63,46 @@ _PART_GLOB = "manifest.part-*.jsonl"
 
 __all__ = [
     "EmptyPromptListError", "LoadedModel", "SampleOptions", "generate", "load_model",
-    "options_from_config", "read_prompts", "sample_to_dir", "write_outputs",
+    "make_latent_image_fn", "options_from_config", "read_prompts", "sample_to_dir",
+    "write_outputs",
 ]
+
+
+def make_latent_image_fn(apply_fn, solver, latent_shape, decode, *,
+                         guidance_rescale: float = 0.0):
+    """images(params, vae_params, cond, uncond, seeds, image_indices, cfg_scales) -> images in
+    [-1, 1]: the solver loop over latents of `latent_shape`, then `decode(vae_params, latents)`.
+
+    The same loop, noise and guidance as `diffusion.sampling.make_denoise_fn` (same keys: an
+    image's latent noise depends only on its seed and index), without its final clip to
+    [-1, 1], which is a pixel range: scaled latents are about unit variance.
+    """
+
+    def per_image_normal(keys, index):
+        return jax.vmap(
+            lambda key: jax.random.normal(jax.random.fold_in(key, index), latent_shape))(keys)
+
+    def interleave(a, b):
+        return jnp.stack([a, b], axis=1).reshape((-1, *a.shape[1:]))
+
+    def images(params, vae_params, cond, uncond, seeds, image_indices, cfg_scales):
+        keys = image_keys(seeds, image_indices)
+        batch = keys.shape[0]
+        scales = jnp.asarray(cfg_scales, jnp.float32).reshape(
+            (batch,) + (1,) * len(latent_shape))
+        text = jax.tree_util.tree_map(interleave, cond, uncond)
+
+        def model_fn(x, t):
+            both = apply_fn(params, interleave(x, x), jnp.full((2 * batch,), t, jnp.float32), text)
+            both = both.reshape((batch, 2, *both.shape[1:]))
+            return classifier_free_guidance(both[:, 0], both[:, 1], scales,
+                                            guidance_rescale=guidance_rescale)
+
+        noise = per_image_normal(keys, 0)
+        latents = run_solver(solver, model_fn, noise, lambda i: per_image_normal(keys, i + 1))
+        return jnp.clip(decode(vae_params, latents), -1.0, 1.0)
+
+    return images
 
 
 @dataclasses.dataclass
@@ -62,6 +115,9 @@ class LoadedModel:
     text_graphdef: object
     text_params: object
     mesh: jax.sharding.Mesh
+    # Latent models (`model.pretrained`): the frozen VAE's parameters and decoder.
+    vae_params: object = None
+    decode_latents: object = None
 
 
 def load_model(workdir: str, step: int | None = None, *, devices=None) -> LoadedModel:
@@ -79,8 +135,12 @@ def load_model(workdir: str, step: int | None = None, *, devices=None) -> Loaded
         workdir, step, abstract_params, jax.tree_util.tree_map(lambda _: rep, abstract_params))
     tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model, workdir)
     text_params = jax.device_put(text_params, rep)
+    # The saved config names the pretrained directory: the VAE is read from there.
+    vae = build_frozen_vae(config.model)
     return LoadedModel(config, step, unet_graphdef, params, tokenizer, text_graphdef,
-                       text_params, mesh)
+                       text_params, mesh,
+                       vae_params=None if vae is None else jax.device_put(vae.params, rep),
+                       decode_latents=None if vae is None else latent_decoder_fn(vae))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +155,7 @@ class SampleOptions:
     karras_sigmas: bool = False
     guidance_rescale: float = 0.0
     timestep_spacing: str = "trailing"
+    steps_offset: int = 0
 
     def defaults(self) -> PromptDefaults:
         return PromptDefaults(seed=self.seed, cfg_scale=self.cfg_scale,
@@ -107,7 +168,7 @@ def options_from_config(config, **overrides) -> SampleOptions:
     values = dict(sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, eta=s.eta,
                   seed=config.seed, karras_sigmas=bool(s.get("karras_sigmas", False)),
                   guidance_rescale=float(s.get("guidance_rescale", 0.0)),
-                  timestep_spacing=s.timestep_spacing)
+                  timestep_spacing=s.timestep_spacing, steps_offset=int(s.get("steps_offset", 0)))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SampleOptions(**values)
 
@@ -139,8 +200,9 @@ class Sampler:
         self.global_batch = per_device_batch * model.mesh.size
         config = model.config
         self.schedule = schedule_from_config(config.diffusion)
-        self.image_shape = (config.data.image_size, config.data.image_size,
-                            config.model.unet.out_channels)
+        # Latent models denoise latents of the UNet's sample size; pixel models images.
+        size = config.model.unet.sample_size
+        self.image_shape = (size, size, config.model.unet.out_channels)
         self.data = NamedSharding(model.mesh, P("data"))
         self._programs = {}
         # The text encoder too runs per device on its own rows (see program()).
@@ -154,19 +216,28 @@ class Sampler:
             solver = make_solver(options.sampler, self.schedule,
                                  self.model.config.diffusion.prediction_type, steps,
                                  timestep_spacing=options.timestep_spacing,
-                                 karras_sigmas=options.karras_sigmas, eta=options.eta)
+                                 karras_sigmas=options.karras_sigmas, eta=options.eta,
+                                 steps_offset=options.steps_offset)
 
             def apply(params, x, t, text):
                 return nnx.merge(graphdef, params)(x, t, text["hidden"],
                                                    class_labels=text["pooled"])
 
-            denoise = make_denoise_fn(apply, solver, self.image_shape,
-                                      guidance_rescale=options.guidance_rescale)
+            batched = P("data")
+            if self.model.decode_latents is None:
+                denoise = make_denoise_fn(apply, solver, self.image_shape,
+                                          guidance_rescale=options.guidance_rescale)
+                params_specs = (P(),)
+            else:
+                denoise = make_latent_image_fn(apply, solver, self.image_shape,
+                                               self.model.decode_latents,
+                                               guidance_rescale=options.guidance_rescale)
+                params_specs = (P(), P())
             # shard_map: every device runs the one-device program on its own rows, so an
             # image does not depend on the device count.
-            batched = P("data")
             mapped = jax.shard_map(denoise, mesh=self.model.mesh,
-                                   in_specs=(P(), batched, batched, batched, batched, batched),
+                                   in_specs=(*params_specs, batched, batched, batched, batched,
+                                             batched),
                                    out_specs=batched, check_vma=False)
             self._programs[steps] = jax.jit(mapped)
         return self._programs[steps]
@@ -190,8 +261,10 @@ class Sampler:
         text_params = self.model.text_params
         cond = self._encode(text_params, self._global(ids))
         uncond = self._encode(text_params, self._global(neg))
-        images = self.program(steps)(self.model.params, cond, uncond, self._global(seeds),
-                                     self._global(indices), self._global(scales))
+        frozen = () if self.model.vae_params is None else (self.model.vae_params,)
+        images = self.program(steps)(self.model.params, *frozen, cond, uncond,
+                                     self._global(seeds), self._global(indices),
+                                     self._global(scales))
         rows = {}
         for shard in images.addressable_shards:
             start = shard.index[0].start or 0

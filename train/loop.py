@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from data_pipeline import input_pipeline
 from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
 from models.factory import abstract_unet
+from models.pretrained import PretrainedError, resolve_pretrained_config
 from train import checkpoint, lock, mfu
 from train.config_check import ConfigError, validate_config
 from train.metrics import MetricWriter
@@ -108,7 +109,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     Returns a summary: final step, last loss, images/s, data-pipeline counters; `preempted` when
     a SIGTERM (preemption notice) stopped it after saving. With `dry_run`: validate the config,
     mesh and data, compile, and return the plan without training or writing checkpoints.
+
+    With `model.pretrained` the model and diffusion fields are taken from that directory
+    first (logged); the checkpoints store the resolved config.
     """
+    try:
+        config, taken = resolve_pretrained_config(config)
+    except PretrainedError as error:
+        raise ConfigError(str(error)) from error
+    for line in taken:
+        logging.info("pretrained: %s", line)
     validate_config(config)
     workdir = checkpoint.workdir_path(workdir)
     if dry_run:
@@ -146,6 +156,7 @@ def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemptio
     unet_graphdef, schedule, data_sharding = run.unet_graphdef, run.schedule, run.data_sharding
     abstract_state, state_shardings = run.abstract_state, run.state_shardings
     compiled_step, state, cost = run.compiled_step, run.state, run.figures
+    extra_inputs = run.extra_inputs
     num_params = cost["unet_params"]
 
     batch_per_process = global_batch // jax.process_count()
@@ -175,10 +186,12 @@ def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemptio
     try:
         return _train_loop(
             config, workdir, state=state, compiled_step=compiled_step, text_params=text_params,
+            extra_inputs=extra_inputs,
             data_iter=data_iter, data_sharding=data_sharding, manager=manager,
             start_step=start_step, last_saved=latest, cost=cost, preemption=preemption,
             sample_grid=_make_sample_grid_fn(
-                config, unet_graphdef, schedule, tokenizer, encode_text, text_params)
+                config, unet_graphdef, schedule, tokenizer, encode_text, text_params,
+                vae_params=run.vae_params, decode_latents=run.decode_latents)
             if train_cfg.sample_every_steps else None,
         )
     finally:
@@ -186,8 +199,9 @@ def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemptio
         manager.close()
 
 
-def _train_loop(config, workdir, *, state, compiled_step, text_params, data_iter, data_sharding,
-                manager, start_step, last_saved, cost, preemption, sample_grid) -> dict:
+def _train_loop(config, workdir, *, state, compiled_step, text_params, extra_inputs, data_iter,
+                data_sharding, manager, start_step, last_saved, cost, preemption,
+                sample_grid) -> dict:
     train_cfg = config.train
     is_main = jax.process_index() == 0
     global_batch = train_cfg.global_batch_size
@@ -237,7 +251,7 @@ def _train_loop(config, workdir, *, state, compiled_step, text_params, data_iter
         with data_iter:
             for step in range(start_step, num_steps):
                 batch = _global_batch(next(data_iter), data_sharding)
-                state, metrics = compiled_step(state, text_params, batch)
+                state, metrics = compiled_step(state, text_params, batch, *extra_inputs)
                 done = step + 1
                 window_steps += 1
                 progress.update(1)
@@ -307,8 +321,10 @@ def _open_data(config, workdir, tokenizer, batch_per_process: int):
         process_count=jax.process_count())
 
 
-def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, encode_text, text_params):
-    """EMA samples for config.train.sample_prompts with the config's solver, tiled into a grid."""
+def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, encode_text, text_params,
+                         *, vae_params=None, decode_latents=None):
+    """EMA samples for config.train.sample_prompts with the config's solver, tiled into a grid
+    (latents decoded by the frozen VAE for a latent model)."""
     from flax import nnx
 
     prompts = list(config.train.sample_prompts)
@@ -320,15 +336,24 @@ def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, encode_text
     sample = config.sample
     solver = make_solver(sample.sampler, schedule, config.diffusion.prediction_type,
                          sample.steps, timestep_spacing=sample.timestep_spacing,
-                         karras_sigmas=sample.get("karras_sigmas", False), eta=sample.eta)
+                         karras_sigmas=sample.get("karras_sigmas", False), eta=sample.eta,
+                         steps_offset=sample.get("steps_offset", 0))
 
     def apply(params, x, t, text):
         unet = nnx.merge(unet_graphdef, params)
         return unet(x, t, text["hidden"], class_labels=text["pooled"])
 
-    size, channels = config.data.image_size, config.model.unet.out_channels
-    denoise = jax.jit(make_denoise_fn(apply, solver, (size, size, channels),
-                                      guidance_rescale=sample.get("guidance_rescale", 0.0)))
+    size, channels = config.model.unet.sample_size, config.model.unet.out_channels
+    rescale = sample.get("guidance_rescale", 0.0)
+    if decode_latents is None:
+        denoise = jax.jit(make_denoise_fn(apply, solver, (size, size, channels),
+                                          guidance_rescale=rescale))
+    else:
+        from sample.pipeline import make_latent_image_fn
+
+        images_fn = jax.jit(make_latent_image_fn(apply, solver, (size, size, channels),
+                                                 decode_latents, guidance_rescale=rescale))
+        denoise = lambda params, *args: images_fn(params, vae_params, *args)
     count = len(prompts)
     seeds = np.full((count,), config.seed, np.uint32)
     indices = np.arange(count, dtype=np.uint32)

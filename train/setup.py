@@ -4,9 +4,11 @@
 tests call, so they run the same program:
 
     frozen text encoder (tokenizer, graphdef, params placed by the sharding rules)
+    [latent diffusion, `model.pretrained`: the frozen VAE, placed the same way]
     UNet graphdef -> abstract TrainState (eval_shape) -> its shardings (train.sharding rules)
     -> init: jit(init_state, out_shardings=...) - parameters are created in their shards, never
-       whole on one device
+       whole on one device; with `model.pretrained` each device reads its shards of the
+       pretrained UNet from the safetensors file instead (models.pretrained.load_unet_params)
     -> train step: jit(in/out shardings, state donated) -> .lower(...).compile() before any data
        is read, with per-device memory and FLOPs.
 """
@@ -28,9 +30,13 @@ from diffusion.schedules import schedule_from_config
 from models.factory import (
     abstract_unet,
     build_frozen_text_encoder,
+    build_frozen_vae,
     build_unet,
+    latent_decoder_fn,
+    latent_encoder_fn,
     text_conditioning_fn,
 )
+from models.pretrained import load_unet_params, resolve_pretrained_config
 from train.sharding import (
     DEFAULT_RULES,
     batch_sharding,
@@ -66,12 +72,22 @@ class Run:
     state_shardings: TrainState
     data_sharding: Any
     abstract_batch: dict
-    init_state: Callable  # jitted: rng -> TrainState in its shardings
-    train_step: Callable  # jitted (state, text_params, batch) -> (state, metrics); donates state
+    init_state: Callable  # rng -> TrainState in its shardings (random, or the pretrained UNet)
+    # jitted (state, text_params, batch, *extra_inputs) -> (state, metrics); donates state
+    train_step: Callable
     compiled_step: Any  # train_step compiled for abstract_state / abstract_batch
     figures: dict  # per-device memory, FLOPs, parameter and state sizes
     rng: jax.Array
     state: TrainState | None = None
+    # Latent diffusion (`model.pretrained`): the frozen VAE's parameters (placed on the mesh),
+    # passed to the step after the batch, and its decoder for sample grids. None in pixel space.
+    vae_params: Any = None
+    decode_latents: Callable | None = None  # decode(vae_params, latents) -> images
+
+    @property
+    def extra_inputs(self) -> tuple:
+        """The step's frozen inputs after the batch: (vae_params,) for a latent model."""
+        return () if self.vae_params is None else (self.vae_params,)
 
 
 def mesh_rules(config: ml_collections.ConfigDict) -> tuple:
@@ -141,6 +157,9 @@ def build_run(
         global_batch, mesh, batch_axes, grad_accum_steps=grad_accum_steps,
         process_count=jax.process_count() if process_count is None else process_count)
     rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+    # The entry points resolve `model.pretrained` already (and log it); resolving is idempotent,
+    # so direct callers (bench, tests) get the same model.
+    config, _ = resolve_pretrained_config(config)
 
     tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model, workdir)
     text_shardings = tree_shardings(mesh, text_params, rules)
@@ -157,6 +176,23 @@ def build_run(
 
     abstract_state = jax.eval_shape(init_state, rng)
     state_shardings = tree_shardings(mesh, abstract_state, rules)
+    jitted_init = jax.jit(init_state, out_shardings=state_shardings)
+    pretrained = config.model.get("pretrained", "")
+    if pretrained:
+        from_params = jax.jit(
+            lambda params, rng: init_train_state(params, optimizer, jax.random.fold_in(rng, 2)),
+            out_shardings=state_shardings, donate_argnums=(0,))
+
+        def load_state(rng):
+            params = load_unet_params(f"{pretrained}/unet", abstract_state.params,
+                                      state_shardings.params)
+            return from_params(params, rng)
+
+    vae = build_frozen_vae(config.model)
+    vae_params = vae_shardings = None
+    if vae is not None:
+        vae_shardings = tree_shardings(mesh, vae.params, rules)
+        vae_params = jax.device_put(vae.params, vae_shardings)
     data_sharding = batch_sharding(mesh, batch_axes)
     image_size = config.data.image_size
     abstract_batch = {
@@ -176,14 +212,16 @@ def build_run(
         ema_decay=config.optim.ema_decay,
         empty_input_ids=jnp.asarray(tokenizer([""])[0]),
         grad_accum_steps=grad_accum_steps,
+        encode_images=None if vae is None else latent_encoder_fn(vae),
+        noise_offset=float(config.diffusion.get("noise_offset", 0.0)),
     )
+    extra_shardings = () if vae is None else (vae_shardings,)
     train_step = jax.jit(
         step_fn,
-        in_shardings=(state_shardings, text_shardings, data_sharding),
+        in_shardings=(state_shardings, text_shardings, data_sharding, *extra_shardings),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
-    jitted_init = jax.jit(init_state, out_shardings=state_shardings)
 
     # Compile before touching data: shape and memory errors surface in seconds. A fresh run
     # compiles the parameter initialisation at the same time, in a second thread: the random
@@ -191,15 +229,20 @@ def build_run(
     start = time.time()
     state = compiled_step = None
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile") as pool:
-        init_future = pool.submit(jitted_init.lower(rng).compile) if init else None
+        init_future = None
+        if init and pretrained:  # reading the weights overlaps the step's compilation
+            init_future = pool.submit(load_state, rng)
+        elif init:
+            init_future = pool.submit(jitted_init.lower(rng).compile)
         if compile:
             compiled_step = train_step.lower(
                 _abstract(abstract_state, state_shardings),
                 _abstract(text_params, text_shardings),
                 abstract_batch,
+                *(() if vae is None else (_abstract(vae_params, vae_shardings),)),
             ).compile()
         if init_future is not None:
-            state = init_future.result()(rng)
+            state = init_future.result() if pretrained else init_future.result()(rng)
     figures = compiled_figures(compiled_step) if compile else {}
     figures["compile_seconds"] = time.time() - start
     figures["unet_params"] = int(
@@ -216,6 +259,8 @@ def build_run(
         encode_text=encode_text, unet_graphdef=unet_graphdef, schedule=schedule,
         optimizer=optimizer, learning_rate_fn=learning_rate_fn, abstract_state=abstract_state,
         state_shardings=state_shardings, data_sharding=data_sharding,
-        abstract_batch=abstract_batch, init_state=jitted_init, train_step=train_step,
-        compiled_step=compiled_step, figures=figures, rng=rng, state=state,
+        abstract_batch=abstract_batch, init_state=load_state if pretrained else jitted_init,
+        train_step=train_step, compiled_step=compiled_step, figures=figures, rng=rng,
+        state=state, vae_params=vae_params,
+        decode_latents=None if vae is None else latent_decoder_fn(vae),
     )

@@ -6,7 +6,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from diffusion.loss import diffusion_loss
+from diffusion.loss import diffusion_loss, offset_noise
 from diffusion.parameterization import add_noise
 from diffusion.timestep_sampling import sample_timesteps
 from train.state import TrainState, ema_decay_at, ema_update
@@ -41,12 +41,20 @@ def make_train_step(
     ema_decay: float,
     empty_input_ids: jax.Array,
     grad_accum_steps: int = 1,
+    encode_images=None,
+    noise_offset: float = 0.0,
 ):
-    """Returns train_step(state, text_params, batch) -> (state, metrics).
+    """Returns train_step(state, text_params, batch) -> (state, metrics), or, for a latent
+    model, train_step(state, text_params, batch, vae_params) -> (state, metrics).
 
     `encode_text(text_params, input_ids) -> {"hidden", "pooled"}` runs the frozen encoder; its
     parameters are an input, not part of the state: they get no gradient and never reach the
-    optimizer.
+    optimizer. `encode_images(vae_params, images, rng) -> latents` (latent diffusion) is the
+    frozen VAE's encoder, its parameters an input in the same way; the UNet then denoises the
+    latents. Trainable: the state's (UNet) parameters only.
+
+    `noise_offset` > 0 adds a per-example, per-channel shift to the training noise
+    (`diffusion.loss.offset_noise`).
 
     With `grad_accum_steps` n > 1 the batch is split into n micro-batches whose gradients are
     summed in a `lax.scan` (activation memory of one micro-batch); the random draws (caption
@@ -69,10 +77,14 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def train_step(state: TrainState, text_params, batch):
+    def train_step(state: TrainState, text_params, batch, vae_params=None):
         rng = jax.random.fold_in(state.rng, state.step)
         rng_drop, rng_t, rng_noise = jax.random.split(rng, 3)
         images = images_to_model_space(batch["images"])
+        if encode_images is not None:
+            # The frozen VAE's posterior sample is the clean signal x0 the UNet learns to denoise.
+            images = encode_images(jax.lax.stop_gradient(vae_params), images,
+                                   jax.random.fold_in(rng, 3))
         input_ids = batch["input_ids"]
         batch_size = images.shape[0]
 
@@ -87,6 +99,8 @@ def make_train_step(
             shift=diffusion.get("timestep_shift", 1.0),
         )
         noise = jax.random.normal(rng_noise, images.shape, jnp.float32)
+        if noise_offset:
+            noise = offset_noise(jax.random.fold_in(rng, 4), noise, noise_offset)
         noisy = add_noise(schedule, images, noise, timesteps)
         inputs = (noisy, timesteps, cond["hidden"], cond["pooled"], images, noise)
 
