@@ -29,6 +29,8 @@ ACT_FNS = ("silu", "swish")  # the same function under two names in diffusers
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+# Read in this order; hub repositories often carry the half-precision variant only.
+WEIGHT_FILES = (WEIGHTS_FILE, "diffusion_pytorch_model.fp16.safetensors")
 
 # diffusers hard-codes this epsilon for every norm of the VAE.
 _EPS = 1e-6
@@ -361,18 +363,21 @@ def latent_scaling(config: Mapping[str, Any]) -> tuple[float, float]:
 
 def load_vae(directory: str | Path, *, dtype: Any = jnp.float32
              ) -> tuple[AutoencoderKL, dict[str, Any]]:
-    """The VAE of a diffusers `vae/` directory (config.json + diffusion_pytorch_model.safetensors)
-    and its latent facts: {"scaling_factor", "shift_factor" (0.0 when absent),
+    """The VAE of a diffusers `vae/` directory (config.json + diffusion_pytorch_model.safetensors,
+    or its .fp16 variant) and its latent facts: {"scaling_factor", "shift_factor" (0.0 when absent),
     "latent_channels", "downsample_factor"}. Parameters stay float32; `dtype` is the compute dtype.
     """
     directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"VAE config not found: {config_path}")
-    if not weights_path.is_file():
+    weights_path = next((directory / name for name in WEIGHT_FILES
+                         if (directory / name).is_file()), None)
+    if weights_path is None:
         others = sorted(p.name for p in directory.glob("diffusion_pytorch_model*"))
-        hint = f" (found {', '.join(others)}; only {WEIGHTS_FILE} is read)" if others else ""
-        raise FileNotFoundError(f"VAE weights not found: {weights_path}{hint}")
+        hint = f" (found {', '.join(others)}; only safetensors are read)" if others else ""
+        raise FileNotFoundError(
+            f"VAE weights not found in {directory}: expected {' or '.join(WEIGHT_FILES)}{hint}")
     config = json.loads(config_path.read_text())
     try:
         kwargs = vae_kwargs_from_diffusers_config(config)

@@ -163,12 +163,29 @@ def _copy(directory, tmp_path):
     return shutil.copytree(directory, tmp_path / "vae")
 
 
+def test_half_precision_weights_load_as_float32(reference, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    directory = _copy(reference[1], tmp_path)
+    weights = directory / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    save_file({k: v.astype(np.float16) for k, v in state.items()},
+              directory / "diffusion_pytorch_model.fp16.safetensors")
+    weights.unlink()
+    vae, _ = load_vae(directory)
+    kernel = vae.decoder.conv_out.kernel.get_value()
+    assert kernel.dtype == jnp.float32
+    np.testing.assert_array_equal(
+        kernel, np.transpose(state["decoder.conv_out.weight"].astype(np.float16), (2, 3, 1, 0)))
+
+
 def test_missing_files_are_named(reference, tmp_path):
     directory = _copy(reference[1], tmp_path)
     (directory / "diffusion_pytorch_model.safetensors").rename(
         directory / "diffusion_pytorch_model.bin")
-    with pytest.raises(FileNotFoundError,
-                       match=r"diffusion_pytorch_model\.safetensors.*found diffusion_pytorch"):
+    with pytest.raises(FileNotFoundError, match=r"VAE weights not found in .*expected "
+                       r"diffusion_pytorch_model\.safetensors.*found diffusion_pytorch_model"
+                       r"\.bin; only safetensors"):
         load_vae(directory)
     (directory / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"VAE config not found: .*config\.json"):
