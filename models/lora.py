@@ -280,7 +280,8 @@ def _factors(lora_params: nnx.State) -> dict[str, dict[str, nnx.Variable]]:
 def _torch_factor(variable) -> np.ndarray:
     value = np.asarray(getattr(variable, "get_value", lambda: variable)(), dtype=np.float32).T
     conv = bool(getattr(variable, "get_metadata", dict)().get(_CONV_METADATA))
-    return value[:, :, None, None] if conv else value
+    # Contiguous: safetensors' numpy writer stores a transposed view's memory as it lies.
+    return np.ascontiguousarray(value[:, :, None, None] if conv else value)
 
 
 def lora_state_dict_peft(lora_params: nnx.State, prefix: str = "unet") -> dict[str, np.ndarray]:
@@ -298,21 +299,21 @@ def lora_state_dict_peft(lora_params: nnx.State, prefix: str = "unet") -> dict[s
     return tensors
 
 
-def _adapter_metadata(tensors: Mapping[str, np.ndarray], prefix: str, alpha: float) -> dict:
+def _adapter_metadata(lora_params: nnx.State, prefix: str, alpha: float) -> dict:
     # diffusers builds peft's LoraConfig from these keys (prefix removed) instead of guessing.
-    ranks = {name.removeprefix(f"{prefix}.").removesuffix(".lora_B.weight"): value.shape[1]
-             for name, value in tensors.items()
-             if name.startswith(f"{prefix}.") and name.endswith(".lora_B.weight")}
+    # Module names are relative to our module: peft matches them as name suffixes, so they
+    # fit CLIPTextModel with (transformers 4) and without (5) its `text_model.` level.
+    ranks = {module: int(factors["lora_a"].shape[-1])
+             for module, factors in _factors(lora_params).items()}
     if not ranks:
         return {}
     rank = max(set(ranks.values()), key=list(ranks.values()).count)
     return {
-        f"{prefix}.r": int(rank),
+        f"{prefix}.r": rank,
         f"{prefix}.lora_alpha": float(alpha),
         f"{prefix}.target_modules": sorted(ranks),
-        # A different rank keeps the same alpha: scale alpha / r per layer, as we train.
-        f"{prefix}.rank_pattern": {f"^{module}$": int(r) for module, r in ranks.items()
-                                   if r != rank},
+        # A layer of another rank keeps the same alpha: scale alpha / r per layer, as we train.
+        f"{prefix}.rank_pattern": {module: r for module, r in ranks.items() if r != rank},
     }
 
 
@@ -334,12 +335,11 @@ def save_lora_safetensors(path: str | Path, unet_lora: nnx.State | None = None, 
     ):
         if params is None:
             continue
-        component = lora_state_dict_peft(params, prefix)
-        tensors.update(component)
-        metadata.update(_adapter_metadata(component, prefix, component_alpha))
+        tensors.update(lora_state_dict_peft(params, prefix))
+        metadata.update(_adapter_metadata(params, prefix, component_alpha))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
+    save_file(tensors, str(path),
               metadata={"format": "pt", _METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     return path
 

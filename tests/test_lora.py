@@ -134,16 +134,6 @@ def test_fresh_adapters_change_nothing_and_split_out_alone(sd):
     assert jax.tree.structure(base) == plain_tree
     assert lora_lib.count_params(base) == sum(v.size for v in sd["unet_state"].values())
 
-    def loss(lora_params):
-        model = nnx.merge(graphdef, base, lora_params)
-        out = model(jnp.asarray(sd["sample"]), jnp.asarray(sd["timesteps"]),
-                    jnp.asarray(sd["context"]))
-        return jnp.mean(out**2)
-
-    grads = jax.grad(loss)(lora)
-    assert jax.tree.structure(grads) == jax.tree.structure(lora)
-    b_grads = [g for path, g in nnx.to_flat_state(grads) if path[-1] == "lora_b"]
-    assert all(float(jnp.abs(g.get_value()).max()) > 0 for g in b_grads)
     rebuilt = nnx.merge(graphdef, lora_lib.merge_params(base, lora))
     np.testing.assert_array_equal(_run_unet(rebuilt, sd), before)
 
@@ -157,3 +147,112 @@ def test_lora_forward_equals_merged_forward(sd, trained):
     assert not nnx.to_flat_state(nnx.state(unet, lora_lib.LORA_PARAMS))
     assert jax.tree.structure(nnx.state(unet)) == jax.tree.structure(nnx.state(_unet(sd)))
     np.testing.assert_allclose(_run_unet(unet, sd), trained["unet_out"], atol=2e-5, rtol=1e-5)
+
+
+def test_gradients_reach_the_lora_factors_only(sd):
+    text = _text_encoder(sd)
+    lora_lib.apply_lora(text, rank=TEXT_RANK, alpha=TEXT_ALPHA,
+                        targets=lora_lib.TEXT_ENCODER_TARGETS, rngs=nnx.Rngs(0))
+    graphdef, base, lora = lora_lib.split_lora(text)
+    input_ids = jnp.asarray(sd["input_ids"])
+
+    @jax.jit
+    def grads(lora_params, base_params):
+        loss = lambda params: jnp.mean(nnx.merge(graphdef, base_params, params)(input_ids) ** 2)
+        return jax.grad(loss)(lora_params)
+
+    grad = grads(lora, base)
+    layers = sd["text_kwargs"]["num_hidden_layers"]
+    assert len(nnx.to_flat_state(grad)) == 2 * 4 * layers  # A and B of q, k, v, out per layer
+    # At init B = 0, so only B gets a gradient; A's is exactly zero.
+    for path, value in nnx.to_flat_state(grad):
+        magnitude = float(jnp.abs(value.get_value()).max())
+        assert (magnitude > 0) == (path[-1] == "lora_b"), path
+
+
+def _lora_states(trained):
+    return (nnx.state(trained["unet"], lora_lib.LORA_PARAMS),
+            nnx.state(trained["text"], lora_lib.LORA_PARAMS))
+
+
+def _pipeline(sd):
+    return diffusers.StableDiffusionPipeline.from_pretrained(sd["path"], safety_checker=None)
+
+
+def test_peft_export_loads_into_diffusers_and_back(sd, trained, tmp_path):
+    unet_lora, text_lora = _lora_states(trained)
+    written = lora_lib.export_lora(tmp_path, unet_lora, alpha=UNET_ALPHA,
+                                   text_encoder_lora=text_lora, text_encoder_alpha=TEXT_ALPHA)
+    assert written == tmp_path / "pytorch_lora_weights.safetensors"
+
+    pipe = _pipeline(sd)
+    pipe.load_lora_weights(tmp_path)
+    np.testing.assert_allclose(_torch_unet_out(pipe.unet, sd), trained["unet_out"],
+                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(_torch_text_out(pipe.text_encoder, sd), trained["text_out"],
+                               atol=1e-4, rtol=1e-4)
+
+    loaded = lora_lib.load_lora_file(tmp_path)
+    assert {c: len(layers) for c, layers in loaded.items()} == {
+        "unet": len(nnx.to_flat_state(unet_lora)) // 2,
+        "text_encoder": len(nnx.to_flat_state(text_lora)) // 2,
+    }
+    unet, text = _unet(sd), _text_encoder(sd)
+    lora_lib.apply_lora_weights(unet, loaded)
+    lora_lib.apply_lora_weights(text, loaded, component="text_encoder", merge=True)
+    np.testing.assert_allclose(_run_unet(unet, sd), trained["unet_out"], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(_run_text(text, sd), trained["text_out"], atol=2e-5, rtol=1e-5)
+
+
+def _kohya_file(path, trained, extra=None):
+    """The trained adapters under kohya-ss names: module path with underscores, lora_down
+    (A) / lora_up (B), alpha as a tensor."""
+    from safetensors.numpy import save_file
+
+    unet_lora, text_lora = _lora_states(trained)
+    peft = {**lora_lib.lora_state_dict_peft(unet_lora, "unet"),
+            **lora_lib.lora_state_dict_peft(text_lora, "text_encoder")}
+    tensors = {}
+    for key, value in peft.items():
+        component, module = key.split(".", 1)
+        module, which = module.rsplit(".", 2)[0], key.split(".")[-2]
+        stem = ("lora_unet_" if component == "unet" else "lora_te_") + module.replace(".", "_")
+        tensors[f"{stem}.{'lora_down' if which == 'lora_A' else 'lora_up'}.weight"] = value
+        alpha = UNET_ALPHA if component == "unet" else TEXT_ALPHA
+        tensors[f"{stem}.alpha"] = np.asarray(alpha, np.float32)
+    tensors.update(extra or {})
+    save_file(tensors, str(path))
+    return path
+
+
+def test_kohya_file_matches_diffusers_reading_of_it(sd, trained, tmp_path):
+    path = _kohya_file(tmp_path / "kohya.safetensors", trained)
+    assert all(key.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_",
+                               "lora_unet_up_blocks_", "lora_te_text_model_encoder_layers_"))
+               for key in read_safetensors(path))
+
+    pipe = _pipeline(sd)
+    pipe.load_lora_weights(str(path))
+    np.testing.assert_allclose(_torch_unet_out(pipe.unet, sd), trained["unet_out"],
+                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(_torch_text_out(pipe.text_encoder, sd), trained["text_out"],
+                               atol=1e-4, rtol=1e-4)
+
+    loaded = lora_lib.load_lora_file(path)
+    unet, text = _unet(sd), _text_encoder(sd)
+    assert lora_lib.apply_lora_weights(unet, loaded, merge=True) == len(loaded["unet"])
+    assert not nnx.to_flat_state(nnx.state(unet, lora_lib.LORA_PARAMS))
+    lora_lib.apply_lora_weights(text, loaded, component="text_encoder")
+    np.testing.assert_allclose(_run_unet(unet, sd), trained["unet_out"], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(_run_text(text, sd), trained["text_out"], atol=2e-5, rtol=1e-5)
+
+    # A user's scale multiplies alpha / rank, as diffusers' per-call LoRA scale does.
+    half = _unet(sd)
+    lora_lib.apply_lora_weights(half, loaded, scale=0.5)
+    with torch.no_grad():
+        expected = pipe.unet(
+            torch.from_numpy(sd["sample"]).permute(0, 3, 1, 2),
+            torch.from_numpy(sd["timesteps"]), torch.from_numpy(sd["context"]),
+            cross_attention_kwargs={"scale": 0.5},
+        ).sample.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(_run_unet(half, sd), expected, atol=1e-4, rtol=1e-4)
