@@ -106,26 +106,28 @@ def test_export_writes_unet_only_without_a_pretrained_pipeline(exported):
                                                 "diffusion_pytorch_model.safetensors"]
 
 
-def test_exported_unet_denoises_as_our_sampler(run, exported):
+def _assert_denoises_as_our_sampler(workdir, unet_dir):
+    """diffusers' UNet2DConditionModel read from `unet_dir` and our sampler's UNet of `workdir`
+    give the same output for the same noisy input, timesteps and text states."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from sample.pipeline import load_model
 
-    out, _ = exported
-    config = json.loads((out / "unet" / "config.json").read_text())
+    config = json.loads((unet_dir / "config.json").read_text())
     # Every key is one diffusers' UNet2DConditionModel takes (an unknown one it would ignore).
     _, unused, _ = diffusers.UNet2DConditionModel.extract_init_dict(config)
     assert not unused
-    reference = diffusers.UNet2DConditionModel.from_pretrained(out / "unet").eval()
+    reference = diffusers.UNet2DConditionModel.from_pretrained(unet_dir).eval()
 
     # Our side: the sampler's loader, text encoder and UNet call.
-    model = load_model(run[0], devices=jax.local_devices()[:1])
+    model = load_model(workdir, devices=jax.local_devices()[:1])
     encode = text_conditioning_fn(model.config.model, model.tokenizer, model.text_graphdef)
     ids = np.asarray(model.tokenizer(["a red circle in the top left", "a blue square"]),
                      np.int32)
     text = jax.jit(encode)(model.text_params, ids)
     rng = np.random.default_rng(1)
-    noisy = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+    size = model.config.data.image_size
+    noisy = rng.standard_normal((2, size, size, 3)).astype(np.float32)
     timesteps = np.array([17, 901], np.int32)
 
     @jax.jit
@@ -142,6 +144,34 @@ def test_exported_unet_denoises_as_our_sampler(run, exported):
         ).sample.permute(0, 2, 3, 1).numpy()
     assert np.abs(ours).max() > 0.5  # a real output, not zeros on both sides
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_exported_unet_denoises_as_our_sampler(run, exported):
+    _assert_denoises_as_our_sampler(run[0], exported[0] / "unet")
+
+
+@pytest.mark.slow
+def test_cli_exports_a_trained_run(tmp_path):
+    """Two real training steps (`train_and_evaluate`), then `python -m export`."""
+    from train.loop import train_and_evaluate
+
+    config = _config()
+    config.data.synthetic_num_samples = 64
+    config.model.text_encoder.max_length = 106  # the config check wants whole captions
+    config.train.num_train_steps = 2
+    config.train.checkpoint_every_steps = 2
+    config.train.sample_every_steps = 0
+    workdir = str(tmp_path / "run")
+    assert train_and_evaluate(config, workdir)["step"] == 2
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "export", "--workdir", workdir, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    assert "exported the EMA UNet of checkpoint step 2" in result.stdout
+    assert "only unet/ was written" in result.stdout
+    _assert_denoises_as_our_sampler(workdir, out / "unet")
 
 
 def test_no_ema_exports_the_raw_parameters(run, exported, tmp_path):
