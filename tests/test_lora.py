@@ -256,3 +256,85 @@ def test_kohya_file_matches_diffusers_reading_of_it(sd, trained, tmp_path):
             cross_attention_kwargs={"scale": 0.5},
         ).sample.permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(_run_unet(half, sd), expected, atol=1e-4, rtol=1e-4)
+
+
+def _save(path, tensors):
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_kxk_conv_lora_merges_like_diffusers_and_is_refused_unmerged(sd, tmp_path):
+    # LoCon-style: a 3x3 down factor and a 1x1 up factor on a resnet conv.
+    rng = np.random.default_rng(5)
+    stem = "lora_unet_down_blocks_0_resnets_0_conv1"
+    channels = sd["unet_state"]["down_blocks.0.resnets.0.conv1.weight"].shape[0]
+    path = _save(tmp_path / "locon.safetensors", {
+        f"{stem}.lora_down.weight": 0.3 * rng.standard_normal((2, channels, 3, 3)),
+        f"{stem}.lora_up.weight": 0.3 * rng.standard_normal((channels, 2, 1, 1)),
+        f"{stem}.alpha": np.asarray(1.0),
+    })
+    loaded = lora_lib.load_lora_file(path)
+    with pytest.raises(ValueError, match=r"down_blocks\.0\.resnets\.0\.conv1.*merge=True"):
+        lora_lib.apply_lora_weights(_unet(sd), loaded)
+
+    unet = _unet(sd)
+    assert lora_lib.apply_lora_weights(unet, loaded, merge=True) == 1
+    pipe = _pipeline(sd)
+    pipe.load_lora_weights(str(path))
+    np.testing.assert_allclose(_run_unet(unet, sd), _torch_unet_out(pipe.unet, sd),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_bad_targets_and_files_get_named_errors(sd, tmp_path):
+    unet = _unet(sd)
+    with pytest.raises(ValueError, match=r"\['to_x'\] match no .*'to_q'"):
+        lora_lib.apply_lora(unet, rank=2, alpha=2.0, targets=("to_q", "to_x"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"conv1, a \(3, 3\) conv"):
+        lora_lib.apply_lora(unet, rank=2, alpha=2.0, targets=("conv1",), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        lora_lib.apply_lora(unet, rank=0, alpha=2.0, rngs=nnx.Rngs(0))
+    lora_lib.apply_lora(unet, rank=2, alpha=2.0, targets=("attn2.to_k",), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"attn2\.to_k already has a LoRA adapter"):
+        lora_lib.apply_lora(unet, rank=2, alpha=2.0, targets=("to_k",), rngs=nnx.Rngs(0))
+
+    width = TEXT_WIDTH
+    good = {"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v.lora_down.weight":
+            np.ones((2, width)),
+            "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v.lora_up.weight":
+            np.ones((sd["unet_state"]["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"
+                                     ".weight"].shape[0], 2))}
+    stray = "lora_unet_down_blocks_7_attentions_0_transformer_blocks_0_attn1_to_q"
+    nowhere = _save(tmp_path / "nowhere.safetensors", {
+        **good, f"{stray}.lora_down.weight": np.ones((2, 4)),
+        f"{stray}.lora_up.weight": np.ones((4, 2))})
+    with pytest.raises(ValueError, match="down_blocks_7_attentions_0_transformer_blocks_0_attn1"):
+        lora_lib.apply_lora_weights(_unet(sd), lora_lib.load_lora_file(nowhere))
+
+    name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v"
+    wrong = _save(tmp_path / "wrong.safetensors", {
+        **good, f"{name}.lora_down.weight": np.ones((2, width + 1))})
+    with pytest.raises(ValueError, match=r"attn2\.to_v: down \(2, 33\)"):
+        lora_lib.apply_lora_weights(_unet(sd), lora_lib.load_lora_file(wrong))
+
+    half = _save(tmp_path / "half.safetensors", {
+        "unet.mid_block.attentions.0.proj_in.lora_A.weight": np.ones((2, 4))})
+    with pytest.raises(ValueError, match=r"proj_in has only \['down'\]"):
+        lora_lib.load_lora_file(half)
+    alien = _save(tmp_path / "alien.safetensors", {"unet.conv_in.hada_w1_a": np.ones((2, 2))})
+    with pytest.raises(ValueError, match=r"unet\.conv_in\.hada_w1_a"):
+        lora_lib.load_lora_file(alien)
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"):
+        lora_lib.load_lora_file((tmp_path / "export_dir").mkdir() or tmp_path / "export_dir")
+    with pytest.raises(ValueError, match=r"no 'text_encoder' part, only \['unet'\]"):
+        lora_lib.apply_lora_weights(_text_encoder(sd), lora_lib.load_lora_file(
+            _save(tmp_path / "good.safetensors", good)), component="text_encoder")
+
+    with pytest.raises(ValueError, match=r"model\.lora\.rank: a non-negative int"):
+        lora_lib.check_lora_config(-1, 4.0, lora_lib.DEFAULT_TARGETS)
+    with pytest.raises(ValueError, match=r"model\.lora\.alpha: a positive number"):
+        lora_lib.check_lora_config(4, 0, lora_lib.DEFAULT_TARGETS)
+    with pytest.raises(ValueError, match=r"model\.lora\.targets"):
+        lora_lib.check_lora_config(4, 4.0, "to_q")
+    lora_lib.check_lora_config(0, None, None)  # full fine-tuning ignores the rest
