@@ -144,6 +144,9 @@ def test_latent_scaling_helpers(reference, images):
 
 
 @pytest.mark.parametrize("options", [
+    # Stable Diffusion 1.x / 2.x (83.7M parameters).
+    dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32),
     dict(use_quant_conv=False, use_post_quant_conv=False),
     dict(mid_block_add_attention=False, layers_per_block=2, block_out_channels=(8, 16, 16),
          down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
