@@ -170,6 +170,13 @@ def export_checkpoint(workdir: str, out: str | Path, *, step: int | None = None,
     step = checkpoint.resolve_step(workdir, step)
     config = checkpoint.load_config(workdir, step)
     diffusers_unet_config(config.model.unet)  # fail before reading any parameter
+    lora = config.model.get("lora") or {}
+    if lora.get("rank", 0):
+        # The checkpoint holds adapters over a frozen base, not a UNet this function can write.
+        raise ExportError(
+            f"config.model.lora.rank={lora['rank']}: this run trained LoRA adapters; exporting "
+            "a LoRA run is not implemented by this command yet (models.lora.export_lora writes "
+            "the adapters in the diffusers format)")
     pretrained = config.model.get("pretrained") or None
     index, parts = _pretrained_parts(Path(pretrained)) if pretrained else (None, [])
     out = Path(out)

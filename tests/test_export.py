@@ -195,6 +195,18 @@ def test_refuses_a_non_empty_out(run, exported):
         export_checkpoint(run[0], exported[0])
 
 
+def test_refuses_a_lora_run_rather_than_writing_the_base(tmp_path):
+    import ml_collections
+
+    config = _config()
+    config.model.lora = ml_collections.ConfigDict({"rank": 4, "alpha": 4.0})
+    workdir = str(tmp_path / "run")
+    _save_checkpoint(workdir, config)
+    with pytest.raises(ExportError, match=r"config.model.lora.rank=4: this run trained LoRA"):
+        export_checkpoint(workdir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_cli_refuses_a_patch_size_2_model_in_one_line(tmp_path):
     workdir = tmp_path / "run"
