@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -241,6 +241,49 @@ def split_lora(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
 def merge_params(base_params: nnx.State, lora_params: nnx.State) -> nnx.State:
     """One state for `nnx.merge(graphdef, state)`: the base with the LoRA factors added."""
     return nnx.merge_state(base_params, lora_params)
+
+
+def abstract_lora_model(build: Callable[[], nnx.Module], *, rank: int, alpha: float,
+                        targets: Sequence[str] = DEFAULT_TARGETS
+                        ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, abstract base, abstract LoRA) of `build()` with adapters, allocating nothing.
+
+    The abstract base has the plain model's tree, so a pretrained loader that fills the plain
+    model's abstract params (with their shardings) fills the base as it is.
+    """
+    def build_adapted():
+        module = build()
+        apply_lora(module, rank=rank, alpha=alpha, targets=targets, rngs=nnx.Rngs(0))
+        return module
+
+    return split_lora(nnx.eval_shape(build_adapted))
+
+
+def init_lora_params(build: Callable[[], nnx.Module], rng, *, rank: int, alpha: float,
+                     targets: Sequence[str] = DEFAULT_TARGETS) -> nnx.State:
+    """Fresh LoRA factors (A random from `rng`, B zero) for `build()`'s model.
+
+    Meant for `jax.jit(..., out_shardings=lora_shardings)`: the base model is built too, but
+    none of it is returned, so XLA drops its initialisation and only the factors are created,
+    each in its shards.
+    """
+    module = build()
+    apply_lora(module, rank=rank, alpha=alpha, targets=targets, rngs=nnx.Rngs(params=rng))
+    return split_lora(module)[2]
+
+
+def default_lora_config():
+    """`model.lora` fields: rank 0 means full fine-tuning (no adapters)."""
+    import ml_collections
+
+    return ml_collections.ConfigDict({
+        "rank": 0,
+        # scale = alpha / rank; alpha = rank gives scale 1 (diffusers' training scripts' default)
+        "alpha": 4.0,
+        "targets": DEFAULT_TARGETS,
+        # Also adapt the text encoder's attention (TEXT_ENCODER_TARGETS), same rank and alpha.
+        "text_encoder": False,
+    })
 
 
 def count_params(state: nnx.State) -> int:

@@ -338,3 +338,33 @@ def test_bad_targets_and_files_get_named_errors(sd, tmp_path):
     with pytest.raises(ValueError, match=r"model\.lora\.targets"):
         lora_lib.check_lora_config(4, 4.0, "to_q")
     lora_lib.check_lora_config(0, None, None)  # full fine-tuning ignores the rest
+
+
+def test_lora_training_parts_from_abstract_build_and_pretrained_base(sd):
+    """What train/setup needs: abstract parts, factors created in their shards, the
+    pretrained weights as the frozen base."""
+    from train.sharding import DEFAULT_RULES, make_mesh, tree_shardings
+
+    build = lambda: UNet2DConditionModel(**sd["unet_kwargs"], rngs=nnx.Rngs(0))
+    kw = dict(rank=UNET_RANK, alpha=UNET_ALPHA, targets=UNET_TARGETS)
+    graphdef, abstract_base, abstract_lora = lora_lib.abstract_lora_model(build, **kw)
+    pretrained = _unet(sd)
+    assert jax.tree.structure(abstract_base) == jax.tree.structure(nnx.state(pretrained))
+
+    mesh = make_mesh((("data", 2), ("fsdp", 4)))
+    shardings = tree_shardings(mesh, abstract_lora, DEFAULT_RULES)
+    init = jax.jit(lambda rng: lora_lib.init_lora_params(build, rng, **kw),
+                   out_shardings=shardings)
+    lora = init(jax.random.key(0))
+    assert jax.tree.structure(lora) == jax.tree.structure(abstract_lora)
+    for path, variable in nnx.to_flat_state(lora):
+        value = variable.get_value()
+        if path[-1] == "lora_a":  # [in, r]: inputs split over fsdp like the kernel's
+            assert value.sharding.spec[0] == "fsdp" and float(jnp.abs(value).max()) > 0
+        else:
+            assert float(jnp.abs(value).max()) == 0.0  # B = 0: training starts at the base
+
+    # On one device again: eager ops on arrays spread over 8 devices compile anew.
+    lora = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), lora)
+    model = nnx.merge(graphdef, lora_lib.merge_params(nnx.state(pretrained), lora))
+    np.testing.assert_array_equal(_run_unet(model, sd), _run_unet(pretrained, sd))
