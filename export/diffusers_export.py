@@ -196,13 +196,20 @@ def export_checkpoint(workdir: str, out: str | Path, *, step: int | None = None,
         # (sample_size x VAE factor) stays the pretrained one.
         original = json.loads((Path(pretrained) / UNET_DIR / CONFIG_FILE).read_text())
         unet_config["sample_size"] = original.get("sample_size", unet_config["sample_size"])
-    out.mkdir(parents=True, exist_ok=True)
-    write_unet(out / UNET_DIR, unet, unet_config)
+    # Written beside `out` and renamed at the end: an interrupted export leaves no directory
+    # that looks complete.
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write_unet(partial / UNET_DIR, unet, unet_config)
     if pretrained:
         for name in parts:
-            shutil.copytree(Path(pretrained) / name, out / name, copy_function=_link_or_copy)
+            shutil.copytree(Path(pretrained) / name, partial / name, copy_function=_link_or_copy)
         index = dict(index)
         index[UNET_DIR] = ["diffusers", UNet2DConditionModel.__name__]
-        _write_json(out / MODEL_INDEX, index)
+        _write_json(partial / MODEL_INDEX, index)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    partial.rename(out)
     return ExportSummary(out=out, step=step, ema=ema, pipeline=bool(pretrained),
                          parts=(UNET_DIR, *parts, *((MODEL_INDEX,) if pretrained else ())))
