@@ -588,3 +588,12 @@ def apply_lora_weights(module: nnx.Module, lora: Mapping, *, component: str = "u
         adapted.lora.lora_b.set_value(jnp.asarray(up.T, adapted.lora.lora_b.dtype))
         _replace(module, path, adapted)
     return len(planned)
+
+
+def apply_lora_file(module: nnx.Module, path: str | Path, *, component: str = "unet",
+                    scale: float = 1.0, merge: bool = False) -> int:
+    """`apply_lora_weights(module, load_lora_file(path), ...)`: what a sampler's `--lora FILE
+    --lora_scale S [--lora_merge]` does to its UNet (and, with component="text_encoder", to
+    its text encoder)."""
+    return apply_lora_weights(module, load_lora_file(path), component=component, scale=scale,
+                              merge=merge)

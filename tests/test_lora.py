@@ -199,7 +199,7 @@ def test_peft_export_loads_into_diffusers_and_back(sd, trained, tmp_path):
     }
     unet, text = _unet(sd), _text_encoder(sd)
     lora_lib.apply_lora_weights(unet, loaded)
-    lora_lib.apply_lora_weights(text, loaded, component="text_encoder", merge=True)
+    assert lora_lib.apply_lora_file(text, tmp_path, component="text_encoder", merge=True) == 8
     np.testing.assert_allclose(_run_unet(unet, sd), trained["unet_out"], atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(_run_text(text, sd), trained["text_out"], atol=2e-5, rtol=1e-5)
 
