@@ -39,7 +39,8 @@ def main(argv):
           f"{', '.join(summary.parts)}")
     if not summary.pipeline:
         print("the run has no config.model.pretrained pipeline: only unet/ was written (load it "
-              "with UNet2DConditionModel.from_pretrained(OUT, subfolder='unet'))")
+              f"with UNet2DConditionModel.from_pretrained({str(summary.out)!r}, "
+              "subfolder='unet'))")
 
 
 def _user_error_types() -> tuple:

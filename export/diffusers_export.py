@@ -104,6 +104,8 @@ def write_unet(directory: str | Path, unet: nnx.Module, unet_config: Mapping[str
     state = {name: np.ascontiguousarray(value, dtype=np.float32)
              for name, value in to_torch_state_dict(unet).items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    # safetensors creates the file readable by its owner only; an export is meant to be shared.
+    (directory / WEIGHTS_FILE).chmod(0o644)
     _write_json(directory / CONFIG_FILE, config)
     return directory
 
