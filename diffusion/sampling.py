@@ -34,7 +34,10 @@ from diffusion.solvers import ddim_step, ddpm_step, previous_timesteps, sampling
 
 # The sigma-based solvers need a finite sigma at the last timestep; a zero-terminal-SNR
 # schedule has alphas_cumprod[-1] = 0 there, which diffusers replaces by 2**-24 (sigma 4096).
-_MIN_ALPHA_CUMPROD = 2.0**-24
+_ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+# Heun's corrector takes the EDM / diffusers form while a step shrinks sigma by at most this
+# factor, and the data-prediction form beyond it (see _heun_corrector_coefficients).
+HEUN_MAX_SIGMA_RATIO = 2.0
 _KARRAS_RHO = 7.0
 
 
@@ -104,9 +107,15 @@ def _check_steps(num_steps, num_train_timesteps):
         )
 
 
-def _train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
-    alphas_cumprod = np.asarray(schedule.alphas_cumprod, np.float64)
-    alphas_cumprod = np.maximum(alphas_cumprod, _MIN_ALPHA_CUMPROD)
+def train_sigmas(schedule: NoiseSchedule) -> np.ndarray:
+    """sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod) per training timestep (float64).
+
+    Only an alphas_cumprod of exactly 0 (a zero-terminal-SNR schedule's last timestep) is
+    replaced, by 2**-24, as diffusers does under rescale_betas_zero_snr; a small positive one
+    (the cosine schedule ends at 2.4e-9, sigma 20291) is kept, as diffusers keeps it.
+    """
+    alphas_cumprod = np.asarray(schedule.alphas_cumprod, np.float64).copy()
+    alphas_cumprod[alphas_cumprod == 0.0] = _ZERO_SNR_ALPHA_CUMPROD
     return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
 
 
@@ -136,12 +145,12 @@ def sigma_grid(schedule, num_steps, spacing, *, karras, steps_offset=0):
     """(timesteps [N], sigmas [N + 1]) of Euler / Euler ancestral / Heun, as diffusers lays
     them out: sigma interpolated at the spacing's timesteps, optionally respaced with Karras'
     rule between that grid's ends, and a final sigma of 0."""
-    train_sigmas = _train_sigmas(schedule)
-    timesteps = _float_timesteps(len(train_sigmas), num_steps, spacing, steps_offset)
-    sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+    reference_sigmas = train_sigmas(schedule)
+    timesteps = _float_timesteps(len(reference_sigmas), num_steps, spacing, steps_offset)
+    sigmas = np.interp(timesteps, np.arange(len(reference_sigmas)), reference_sigmas)
     if karras:
         sigmas = karras_sigmas(sigmas[-1], sigmas[0], num_steps)
-        timesteps = sigma_to_timestep(sigmas, train_sigmas)
+        timesteps = sigma_to_timestep(sigmas, reference_sigmas)
     return timesteps, np.append(sigmas, 0.0)
 
 
@@ -149,11 +158,11 @@ def dpm_grid(schedule, num_steps, spacing, *, karras, steps_offset=0):
     """(timesteps [N], sigmas [N + 1]) of diffusers' DPMSolverMultistepScheduler: integer
     timesteps from N + 1 grid points with the last dropped ("leading", "linspace"), Karras
     sigmas over the whole training range, a final sigma of 0."""
-    train_sigmas = _train_sigmas(schedule)
-    count = len(train_sigmas)
+    reference_sigmas = train_sigmas(schedule)
+    count = len(reference_sigmas)
     if karras:
-        sigmas = karras_sigmas(train_sigmas[0], train_sigmas[-1], num_steps)
-        timesteps = np.round(sigma_to_timestep(sigmas, train_sigmas))
+        sigmas = karras_sigmas(reference_sigmas[0], reference_sigmas[-1], num_steps)
+        timesteps = np.round(sigma_to_timestep(sigmas, reference_sigmas))
         return timesteps, np.append(sigmas, 0.0)
     if spacing == "linspace":
         timesteps = np.linspace(0, count - 1, num_steps + 1).round()[::-1][:-1]
@@ -163,7 +172,7 @@ def dpm_grid(schedule, num_steps, spacing, *, karras, steps_offset=0):
     else:
         timesteps = sampling_timesteps(count, num_steps, "trailing").astype(np.float64)
     timesteps = np.asarray(timesteps, np.float64)
-    sigmas = train_sigmas[timesteps.astype(np.int64)]
+    sigmas = reference_sigmas[timesteps.astype(np.int64)]
     return timesteps, np.append(sigmas, 0.0)
 
 
@@ -246,24 +255,46 @@ def _make_euler_ancestral(schedule, prediction_type, num_steps, spacing, *, karr
                   _ve_init(sigmas[0]), step, stochastic=True)
 
 
+def _heun_corrector_coefficients(sigmas: np.ndarray, max_ratio: float) -> np.ndarray:
+    """c_i of Heun's corrected step x_{i+1} = euler_i + c_i * (D_{i+1} - D_i), where euler_i is
+    the predictor (an Euler step, the same as DDIM's) and D the denoised predictions at both ends.
+
+    EDM's form averages the two slopes (x - D) / sigma, which gives c = (s0 / s1 - 1) / 2: the
+    trapezoidal rule in sigma. That coefficient grows without bound with the step's sigma ratio;
+    a "trailing" grid on the cosine schedule starts with sigma 20291 -> 12.8, where it multiplies
+    D1 - D0 by ~800 and ruins the sample. Beyond `max_ratio` we integrate the same ODE in its
+    exact variation-of-constants form, x1 = (s1/s0) x0 + s1 * integral of e^lambda D d lambda
+    over lambda = -log sigma, with D linear in lambda between the two evaluations (the
+    data-prediction construction of DPM-Solver++, Lu et al. 2022b): c = (h - 1 + e^-h) / h with
+    h = log(s0 / s1), which stays below 1. Both are second order and agree to O(h^2) in c, so
+    small steps keep EDM's form and with it step-for-step parity with diffusers' Heun (and the
+    EDM form was measured no less accurate on moderate steps, see docs/notes_sampling_heun.md).
+    """
+    sigma, sigma_next = sigmas[:-1], sigmas[1:]
+    coefficients = np.zeros_like(sigma)
+    moving = sigma_next > 0  # the last step, to sigma 0, has no corrector
+    ratio = sigma[moving] / sigma_next[moving]
+    h = np.log(ratio)
+    coefficients[moving] = np.where(
+        ratio <= max_ratio, 0.5 * (ratio - 1.0), (h - 1.0 + np.exp(-h)) / h)
+    return coefficients
+
+
 def _make_heun(schedule, prediction_type, num_steps, spacing, *, karras, steps_offset, **_):
     timesteps, sigmas = sigma_grid(schedule, num_steps, spacing, karras=karras,
                                    steps_offset=steps_offset)
     t_arr = jnp.asarray(np.append(timesteps, 0.0), jnp.float32)
     s_arr = jnp.asarray(sigmas, jnp.float32)
+    c_arr = jnp.asarray(_heun_corrector_coefficients(sigmas, HEUN_MAX_SIGMA_RATIO), jnp.float32)
 
     def step(model_fn, x, i, history, noise_fn):
         sigma, sigma_next = s_arr[i], s_arr[i + 1]
         x0 = _denoise_ve(model_fn, prediction_type, x, sigma, t_arr[i])
-        derivative = (x - x0) / sigma
-        dt = sigma_next - sigma
-        euler = x + derivative * dt
+        euler = x + (x - x0) / sigma * (sigma_next - sigma)
 
         def corrected(_):
-            # Heun's correction: average the slopes at both ends (EDM Algorithm 1).
             x0_next = _denoise_ve(model_fn, prediction_type, euler, sigma_next, t_arr[i + 1])
-            derivative_next = (euler - x0_next) / sigma_next
-            return x + 0.5 * (derivative + derivative_next) * dt
+            return euler + c_arr[i] * (x0_next - x0)
 
         # The last step ends at sigma 0, where the slope is undefined: it stays an Euler step.
         return jax.lax.cond(sigma_next > 0, corrected, lambda _: euler, None), history
