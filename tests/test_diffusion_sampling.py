@@ -10,6 +10,7 @@ import pytest
 from diffusion.sampling import (
     HEUN_MAX_SIGMA_RATIO,
     SOLVER_NAMES,
+    dpm_grid,
     make_solver,
     run_solver,
     sigma_grid,
@@ -159,6 +160,27 @@ def test_whole_loop_matches_diffusers(fixed_noise, name, prediction_type, spacin
         scale = max(1.0, float(np.abs(ref).max()))
         np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-4 * scale,
                                    err_msg=f"{name}: state after step {index}")
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_sigma_grids_match_diffusers_on_the_cosine_schedule(rescale):
+    # The cosine schedule's last alphas_cumprod is 2.4e-9 (sigma 20291): kept as is, as
+    # diffusers keeps it; only a zero-terminal-SNR schedule's 0 becomes 2**-24 (sigma 4096).
+    schedule = make_schedule("cosine", 1000, rescale_zero_terminal_snr=rescale)
+    common = dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing",
+                  rescale_betas_zero_snr=rescale)
+    # diffusers rescales in float32: its smallest sigmas differ from ours by up to 0.3%.
+    rtol = 5e-3 if rescale else 1e-4
+    for karras in (False, True):
+        reference = diffusers.EulerDiscreteScheduler(use_karras_sigmas=karras, **common)
+        reference.set_timesteps(20)
+        _, sigmas = sigma_grid(schedule, 20, "trailing", karras=karras)
+        np.testing.assert_allclose(sigmas, reference.sigmas.numpy(), rtol=rtol)
+    assert (sigmas[0] > 20000) != rescale
+    reference = diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True, **common)
+    reference.set_timesteps(20)
+    _, sigmas = dpm_grid(schedule, 20, "trailing", karras=True)
+    np.testing.assert_allclose(sigmas, reference.sigmas.numpy(), rtol=rtol)
 
 
 def test_ddim_trailing_grid_steps_back_by_the_stride_like_diffusers():
