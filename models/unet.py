@@ -28,8 +28,30 @@ def _conv(in_features, out_features, kernel_size, *, stride=1, dtype, param_dtyp
     padding = ((pad, pad), (pad, pad))
     return nnx.Conv(
         in_features, out_features, (kernel_size, kernel_size), strides=stride, padding=padding,
-        dtype=dtype, param_dtype=param_dtype, rngs=rngs, **conv_kw(),
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs, conv_general_dilated=_conv_or_dot,
+        **conv_kw(),
     )
+
+
+def _conv_or_dot(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilation,
+                 dimension_numbers, feature_group_count, precision, **kwargs):
+    """`lax.conv_general_dilated`, with an unstrided, unpadded 1x1 kernel done as a dot.
+
+    XLA CPU runs a 1x1 convolution's weight gradient as a convolution over transposed
+    activations; as a dot it is a plain matrix product (docs/notes_speed.md)."""
+    pointwise = (rhs.shape[:-2] == (1, 1) and feature_group_count == 1
+                 and set(window_strides) == {1} and set(lhs_dilation) == {1}
+                 and all(tuple(pad) == (0, 0) for pad in padding)
+                 and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
+                 and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1))
+    if not pointwise:
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision, **kwargs)
+    kwargs.pop("out_sharding", None)
+    return jax.lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision,
+                               **kwargs)
 
 
 def _linear(in_features, out_features, *, use_bias=True, dtype, param_dtype, rngs):
