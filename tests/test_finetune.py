@@ -154,13 +154,14 @@ def _prepared_shards(tmp_path):
 @pytest.mark.slow
 def test_finetune_then_sample_through_the_clis(pipeline, tmp_path):
     shards, workdir, out = _prepared_shards(tmp_path), tmp_path / "run", tmp_path / "samples"
-    result = _cli(
+    train_args = (
         "train", "--config", "configs/finetune_sd.py", "--workdir", str(workdir),
         f"--config.model.pretrained={pipeline}", f"--config.data.paths={shards}",
         f"--config.data.image_size={IMAGE_SIZE}", f"--config.train.global_batch_size={BATCH}",
-        "--config.model.unet.remat=False", "--config.train.num_train_steps=2",
-        "--config.train.log_every_steps=1", "--config.train.checkpoint_every_steps=2",
-        "--config.train.sample_every_steps=0", "--config.data.num_workers=1")
+        "--config.model.unet.remat=False", "--config.train.log_every_steps=1",
+        "--config.train.checkpoint_every_steps=2", "--config.train.sample_every_steps=0",
+        "--config.data.num_workers=1", "--config.train.num_train_steps=2")
+    result = _cli(*train_args)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "pretrained: diffusion from scheduler/scheduler_config.json" in result.stderr
     assert (workdir / "checkpoints" / "2").is_dir()
@@ -181,6 +182,11 @@ def test_finetune_then_sample_through_the_clis(pipeline, tmp_path):
     # Decoded by the VAE: RGB at the data's resolution (the UNet ran on 8x8x4 latents).
     assert all(image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) for image in images)
     assert not np.array_equal(images[0], images[1])
+
+    # The same command resumes: the directory resolves to the model the checkpoint stored.
+    result = _cli(*train_args[:-1], "--config.train.num_train_steps=3")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resumed from" in result.stderr and (workdir / "checkpoints" / "3").is_dir()
 
 
 @pytest.mark.slow

@@ -14,12 +14,11 @@ from diffusion.schedules import SCHEDULES
 from diffusion.solvers import TIMESTEP_SPACINGS
 from diffusion.timestep_sampling import TIMESTEP_SAMPLINGS
 from models.logical_axes import LOGICAL_AXES
-from models.text_encoder import DEMO_TOKENIZERS
+from models.text_encoder import DEMO_TOKENIZERS, TEXT_ENCODER_KINDS
 from models.unet import RESNET_TIME_SCALE_SHIFTS
 from train.sharding import MESH_AXES
 from train.state import LR_DECAYS
 
-TEXT_ENCODERS = ("demo", "clip")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -105,7 +104,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
     _choice("model.unet.resnet_time_scale_shift", unet.get("resnet_time_scale_shift", "default"),
             RESNET_TIME_SCALE_SHIFTS)
-    _choice("model.text_encoder.kind", model.text_encoder.kind, TEXT_ENCODERS)
+    _choice("model.text_encoder.kind", model.text_encoder.kind, TEXT_ENCODER_KINDS)
     if model.text_encoder.kind == "demo" and (
         unet.cross_attention_dim != model.text_encoder.hidden_size
     ):
