@@ -16,15 +16,23 @@ def compute_dtype(model_config: ml_collections.ConfigDict):
     return _DTYPES[model_config.dtype]
 
 
-def build_unet(model_config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> UNet2DConditionModel:
+def build_unet(model_config: ml_collections.ConfigDict, rngs: nnx.Rngs, *,
+               remat: bool | None = None) -> UNet2DConditionModel:
+    """The configured UNet; `remat` (when not None) overrides `model.unet.remat`."""
     kwargs = dict(model_config.unet)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if remat is not None:
+        kwargs["remat"] = remat
     return UNet2DConditionModel(**kwargs, dtype=compute_dtype(model_config), rngs=rngs)
 
 
-def abstract_unet(model_config: ml_collections.ConfigDict):
-    """(graphdef, abstract params) without allocating any parameter."""
-    module = nnx.eval_shape(lambda: build_unet(model_config, nnx.Rngs(0)))
+def abstract_unet(model_config: ml_collections.ConfigDict, *, remat: bool | None = None):
+    """(graphdef, abstract params) without allocating any parameter.
+
+    Samplers pass remat=False: recomputation only matters for a backward pass, and nnx.remat
+    inside the solver's loop fails to trace (TraceContextError). The parameters are the same.
+    """
+    module = nnx.eval_shape(lambda: build_unet(model_config, nnx.Rngs(0), remat=remat))
     return nnx.split(module)
 
 

@@ -126,7 +126,7 @@ def load_model(workdir: str, step: int | None = None, *, devices=None) -> Loaded
     step = checkpoint.resolve_step(workdir, step)
     config = checkpoint.load_config(workdir, step)
     mesh = make_mesh([("data", -1)], devices=devices)
-    unet_graphdef, abstract_params = abstract_unet(config.model)
+    unet_graphdef, abstract_params = abstract_unet(config.model, remat=False)
     # Parameter shapes that do not fit the stored config fail here with the names, not deep
     # inside Orbax.
     checkpoint.check_compatible(workdir, step, config, abstract_params)

@@ -23,9 +23,9 @@ from configs import finetune_sd
 from diffusion.loss import offset_noise
 from tests.tiny_sd import IMAGE_SIZE, LATENT_SIZE, build_tiny_sd_pipeline
 from train.setup import build_run
-from train.sharding import make_mesh
+from train.sharding import make_mesh, tree_shardings
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +118,71 @@ def test_sample_grid_decodes_latents(run, pipeline):
     # Two prompts side by side at the image resolution (1-pixel gaps), not the latent's.
     assert grid.shape == (IMAGE_SIZE + 2, 2 * IMAGE_SIZE + 3, 3) and grid.dtype == np.uint8
     assert grid[1:-1, 1:IMAGE_SIZE + 1].std() > 0
+
+
+def _checkpoint_of_pretrained(config, workdir):
+    """A training workdir whose EMA UNet is the pipeline's own (step 1, no training)."""
+    import orbax.checkpoint as ocp
+
+    from models.factory import abstract_unet
+    from models.pretrained import load_unet_params
+    from train import checkpoint
+
+    _, abstract = abstract_unet(config.model)
+    mesh = make_mesh((("data", -1),))
+    params = load_unet_params(f"{config.model.pretrained}/unet", abstract,
+                              tree_shardings(mesh, abstract))
+    checkpoint.save_config(workdir, config)
+    meta = {"step": 1, "config": json.loads(config.to_json_best_effort(sort_keys=True)),
+            "data": {}}
+    with checkpoint.make_manager(workdir, async_save=False) as manager:
+        manager.save(1, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"step": np.int32(1)}),
+            ema_params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+
+
+@pytest.mark.parametrize("version", ["1.x", "2.x"])
+def test_sampler_gives_the_diffusers_pipeline_images(version, tmp_path):
+    """Our sampler (restore, CLIP, DDIM over latents with CFG on 8 devices, VAE decode) against
+    diffusers' StableDiffusionPipeline from the same directory, started from the same latent
+    noise: epsilon (1.x) and v-prediction (2.x), "leading" spacing with steps_offset 1."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from diffusion.sampling import image_keys
+    from models.pretrained import resolve_pretrained_config
+    from sample.pipeline import generate, load_model, options_from_config
+
+    directory = build_tiny_sd_pipeline(tmp_path / "sd", version=version)
+    config = finetune_sd.get_config()  # remat on, as users train: the sampler must drop it
+    config.model.pretrained = str(directory)
+    config.data.image_size = IMAGE_SIZE
+    config.model.dtype = "float32"
+    config, _ = resolve_pretrained_config(config)
+    _checkpoint_of_pretrained(config, tmp_path / "run")
+
+    model = load_model(str(tmp_path / "run"))
+    prompts, steps, scale = ["a red cat", "blue"], 4, 5.0
+    options = options_from_config(model.config, sampler="ddim", steps=steps, cfg_scale=scale,
+                                  seed=7)
+    images, records = generate(model, prompts, options, batch_size=8, progress=False)
+    assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+    keys = image_keys([r["seed"] for r in records], [r["image_index"] for r in records])
+    noise = np.asarray(jax.vmap(lambda key: jax.random.normal(
+        jax.random.fold_in(key, 0), (LATENT_SIZE, LATENT_SIZE, 4)))(keys))
+    pipeline = StableDiffusionPipeline.from_pretrained(directory)
+    # Our DDIM ends at alpha_cumprod 1 and never clips x0 (the SD 1.x PNDM config has no
+    # clip_sample, which DDIM would default to True).
+    pipeline.scheduler = DDIMScheduler.from_config(
+        pipeline.scheduler.config, set_alpha_to_one=True, clip_sample=False)
+    reference = pipeline(
+        prompts, num_inference_steps=steps, guidance_scale=scale, height=IMAGE_SIZE,
+        width=IMAGE_SIZE, latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()),
+        output_type="np").images
+    reference = np.clip(np.round(reference * 255), 0, 255)
+    assert reference.std() > 10  # not a flat image: the comparison means something
+    assert np.abs(images.astype(np.float64) - reference).max() <= 1
 
 
 def test_noise_offset_shifts_each_example_and_channel():

@@ -153,7 +153,7 @@ def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemptio
     # Networks, sharded state, compiled step (and, for a fresh run, the initial state).
     run = build_run(config, mesh, workdir=str(workdir), init=fresh)
     tokenizer, text_params, encode_text = run.tokenizer, run.text_params, run.encode_text
-    unet_graphdef, schedule, data_sharding = run.unet_graphdef, run.schedule, run.data_sharding
+    schedule, data_sharding = run.schedule, run.data_sharding
     abstract_state, state_shardings = run.abstract_state, run.state_shardings
     compiled_step, state, cost = run.compiled_step, run.state, run.figures
     extra_inputs = run.extra_inputs
@@ -190,7 +190,8 @@ def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemptio
             data_iter=data_iter, data_sharding=data_sharding, manager=manager,
             start_step=start_step, last_saved=latest, cost=cost, preemption=preemption,
             sample_grid=_make_sample_grid_fn(
-                config, unet_graphdef, schedule, tokenizer, encode_text, text_params,
+                config, abstract_unet(config.model, remat=False)[0], schedule, tokenizer,
+                encode_text, text_params,
                 vae_params=run.vae_params, decode_latents=run.decode_latents)
             if train_cfg.sample_every_steps else None,
         )
