@@ -2,9 +2,14 @@
 `FlaxUNet2DConditionModel` (diffusers 0.35.2, the last release with Flax), timed as ours is.
 
 Runs in its own environment (diffusers 0.35.2 conflicts with the project's diffusers), started
-by train_throughput.py with one JSON argument; prints one JSON line. The step mirrors ours:
-uint8 images -> [-1, 1], noise and timesteps drawn in the step, the UNet on a fixed context,
-MSE loss, clip + AdamW, EMA, the batch split over all devices and the state replicated.
+by train_throughput.py with one JSON argument. The step mirrors ours: uint8 images -> [-1, 1],
+noise and timesteps drawn in the step, the UNet on a fixed context, MSE loss, clip + AdamW with
+our optimizer's settings, EMA, the batch split over all devices and the state replicated.
+
+Protocol (so that the parent can interleave its own timing rounds with the peer's and a shared
+machine's load falls on both sides alike): after compiling and two warm-up steps it prints one
+JSON line describing the step; then for every line "N" on stdin it runs N steps and prints
+{"step_s": ...}; it exits at the end of stdin.
 """
 
 import json
@@ -27,7 +32,12 @@ def main():
     model = FlaxUNet2DConditionModel(**spec["unet"])
     params = model.init_weights(jax.random.PRNGKey(0))
     batch, size, channels = spec["batch_size"], spec["image_size"], spec["unet"]["in_channels"]
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.01))
+    optim = spec["optim"]
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim["grad_clip_norm"]),
+        optax.adamw(optim["learning_rate"], b1=optim["b1"], b2=optim["b2"],
+                    weight_decay=optim["weight_decay"]))
+    ema_rate = 1.0 - optim["ema_decay"]
     # The EMA gets its own buffers: the state is donated to the step.
     state = {"params": params, "opt": tx.init(params),
              "ema": jax.tree_util.tree_map(jnp.copy, params), "step": jnp.zeros((), jnp.int32)}
@@ -49,7 +59,7 @@ def main():
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        ema = jax.tree_util.tree_map(lambda e, p: e + 0.001 * (p - e), state["ema"], params)
+        ema = jax.tree_util.tree_map(lambda e, p: e + ema_rate * (p - e), state["ema"], params)
         return {"params": params, "opt": opt, "ema": ema, "step": state["step"] + 1}, loss
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
@@ -68,21 +78,21 @@ def main():
     flops = float(cost.get("flops", 0.0)) * jax.device_count() if cost else 0.0
     for _ in range(2):
         state, loss = compiled(state, images, context)
-    jax.block_until_ready(loss)
-    start = time.perf_counter()
-    for _ in range(spec["steps"]):
-        state, loss = compiled(state, images, context)
-    jax.block_until_ready(loss)
-    step_s = (time.perf_counter() - start) / spec["steps"]
+    if not np.isfinite(float(loss)):
+        raise SystemExit(f"the peer's loss is not finite: {float(loss)}")
     print(json.dumps({
         "diffusers": diffusers.__version__,
         "devices": jax.device_count(),
         "unet_params_m": round(sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6, 3),
-        "step_s": step_s,
-        "images_per_s": batch / step_s,
         "gflops_per_step": flops / 1e9,
-        "loss_finite": bool(np.isfinite(float(loss))),
-    }))
+    }), flush=True)
+    for line in sys.stdin:
+        steps = int(line)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, loss = compiled(state, images, context)
+        jax.block_until_ready(loss)
+        print(json.dumps({"step_s": (time.perf_counter() - start) / steps}), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ diffusers with Flax) at the identical UNet architecture, batch and resolution, i
 from its own environment: created once under `--peer_cache` (a venv holding only
 `diffusers==0.35.2`, installed with --no-deps from the package index, that reads jax / flax /
 optax from this environment so both sides run the same JAX), or the interpreter named by
-`--peer_python`. `peer_ratio` = our images/s over the peer's.
+`--peer_python`. The peer subprocess compiles once and then runs its timing rounds in turn
+with ours (`--rounds`, `--steps` each), so a shared machine's changing load falls on both
+sides alike; every figure is the median over rounds. `peer_ratio` = our images/s over the
+peer's (`peer_ratio_per_round` shows the spread).
 """
 
 import argparse
@@ -28,8 +31,10 @@ import ast
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,16 +141,63 @@ def peer_python(cache_dir: str) -> str:
     return python
 
 
-def run_peer(python: str, unet_kwargs: dict, *, batch_size: int, image_size: int,
-             context_tokens: int, steps: int) -> dict:
-    spec = {"unet": unet_kwargs, "batch_size": batch_size, "image_size": image_size,
-            "context_tokens": context_tokens, "steps": steps}
-    result = subprocess.run(
-        [python, os.path.join(ROOT, "bench", "peer_flax_unet.py"), json.dumps(spec)],
-        capture_output=True, text=True, env=os.environ.copy())
-    if result.returncode:
-        raise SystemExit(f"the peer run failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+class PeerProcess:
+    """The peer's training step in its own interpreter, compiled once and timed on request,
+    so that its timing rounds interleave with ours (bench/peer_flax_unet.py's protocol)."""
+
+    def __init__(self, python: str, spec: dict):
+        # stderr goes to a file: JAX's warnings must not fill a pipe nobody reads.
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._process = subprocess.Popen(
+            [python, os.path.join(ROOT, "bench", "peer_flax_unet.py"), json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+            env=os.environ.copy())
+        self.info = None
+
+    def _reply(self) -> dict:
+        for line in self._process.stdout:
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                continue  # something the libraries printed
+            if isinstance(reply, dict):
+                return reply
+        self._process.wait()
+        self._stderr.seek(0)
+        raise SystemExit(f"the peer run failed (exit {self._process.returncode}):\n"
+                         f"{self._stderr.read()[-3000:]}")
+
+    def ready(self) -> dict:
+        if self.info is None:
+            self.info = self._reply()
+        return self.info
+
+    def time_steps(self, steps: int) -> float:
+        self.ready()
+        self._process.stdin.write(f"{steps}\n")
+        self._process.stdin.flush()
+        return float(self._reply()["step_s"])
+
+    def close(self):
+        if self._process.poll() is None:
+            self._process.stdin.close()
+            self._process.wait(timeout=60)
+        self._stderr.close()
+
+
+def peer_spec(unet_kwargs: dict, optim, *, batch_size: int, image_size: int,
+              context_tokens: int) -> dict:
+    return {"unet": unet_kwargs, "batch_size": batch_size, "image_size": image_size,
+            "context_tokens": context_tokens,
+            # Our optimizer's settings (clip + AdamW + EMA); the schedule costs nothing.
+            "optim": {"learning_rate": float(optim.learning_rate), "b1": float(optim.b1),
+                      "b2": float(optim.b2), "weight_decay": float(optim.weight_decay),
+                      "grad_clip_norm": float(optim.grad_clip_norm),
+                      "ema_decay": float(optim.ema_decay)}}
+
+
+def median(values):
+    return statistics.median(values)
 
 
 def main():
@@ -153,11 +205,15 @@ def main():
     parser.add_argument("--config", default=None,
                         help="config file (default: configs/demo.py; with --peer alone, the "
                              "peer-size UNet)")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timing round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timing rounds; with --peer ours and the peer's alternate, and "
+                             "every figure is the median over rounds")
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--host_devices", type=int, default=-1,
                         help="CPU only: split the host into this many single-threaded XLA "
-                             "devices (-1: one per core, as the CLIs; 0: XLA's defaults)")
+                             "devices (-1: one per core, as the CLIs; 0: XLA's defaults); the "
+                             "peer runs with the same split")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set model.unet.patch_size=1 "
                              "(a Python literal, else a string); repeatable")
@@ -169,6 +225,8 @@ def main():
     parser.add_argument("--peer_cache", default=os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "t2i_bench"))
     args = parser.parse_args()
+    if args.steps < 1 or args.rounds < 1:
+        raise SystemExit("--steps and --rounds must be at least 1")
 
     peer_size = args.peer and args.config is None
     config = load_config(args.config or os.path.join(ROOT, "configs", "demo.py"))
@@ -178,11 +236,28 @@ def main():
         apply_override(config, override)
     batch_size = args.batch_size or config.train.global_batch_size
 
-    # Before jax is imported: as the CLIs' --cpu_devices.
+    # Before jax is imported: as the CLIs' --cpu_devices. The peer inherits the environment.
     from train.host_devices import apply_cpu_devices_flag
 
     apply_cpu_devices_flag(args.host_devices, batch_size)
 
+    peer = None
+    if args.peer:
+        peer_kwargs = peer_unet_kwargs(config.model.unet)
+        python = args.peer_python or peer_python(args.peer_cache)
+        # Started first: it compiles while ours does.
+        peer = PeerProcess(python, peer_spec(
+            peer_kwargs, config.optim, batch_size=batch_size, image_size=config.data.image_size,
+            context_tokens=config.model.text_encoder.max_length))
+    try:
+        result = run_bench(args, config, batch_size, peer_size, peer)
+    finally:
+        if peer is not None:
+            peer.close()
+    print(json.dumps(result))
+
+
+def run_bench(args, config, batch_size: int, peer_size: bool, peer) -> dict:
     import jax
     import numpy as np
 
@@ -195,7 +270,6 @@ def main():
         # (The peer-size config's byte tokenizer truncates synthetic captions, which the
         # check refuses and a timing run does not care about.)
         validate_config(config)
-    peer_kwargs = peer_unet_kwargs(config.model.unet) if args.peer else None
 
     workdir = None
     text = config.model.text_encoder
@@ -216,15 +290,29 @@ def main():
     for _ in range(2):
         state, metrics = run.compiled_step(state, run.text_params, batch)
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = run.compiled_step(state, run.text_params, batch)
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - start) / args.steps
+    if peer is not None:
+        peer.ready()
 
     devices = jax.local_devices()
+    # Each round times ours, the peer's and the matmul peak back to back, so that load from
+    # other processes on a shared machine weighs on all three; figures are medians over rounds.
+    rounds = []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = run.compiled_step(state, run.text_params, batch)
+        jax.block_until_ready(metrics)
+        figures = {"step_s": (time.perf_counter() - start) / args.steps}
+        if peer is not None:
+            figures["peer_step_s"] = peer.time_steps(args.steps)
+        figures["matmul_peak"] = measured_matmul_peak(devices=devices) * len(devices)
+        rounds.append(figures)
+    if not np.isfinite(float(metrics["loss"])):
+        raise SystemExit(f"our loss is not finite: {float(metrics['loss'])}")
+    step_s = median([r["step_s"] for r in rounds])
+    matmul_peak = median([r["matmul_peak"] for r in rounds])
+
     flops = run.figures.get("flops_per_step_per_device", 0.0) * mesh.size
-    matmul_peak = measured_matmul_peak(devices=devices) * len(devices)
     stats = devices[0].memory_stats() or {}
     peak_memory = stats.get("peak_bytes_in_use", run.figures.get("memory_bytes_per_device", 0))
     table_peak = peak_flops_per_device(devices[0])
@@ -239,6 +327,7 @@ def main():
         "dtype": config.model.dtype,
         "unet_params_m": round(run.figures["unet_params"] / 1e6, 3),
         "batch_size": batch_size,
+        "steps_x_rounds": [args.steps, args.rounds],
         "step_s": round(step_s, 4),
         "images_per_s": round(batch_size / step_s, 2),
         "gflops_per_step": round(flops / 1e9, 2),
@@ -249,23 +338,23 @@ def main():
         "peak_memory_mb": round(peak_memory / 2**20, 1),
         "compile_s": round(run.figures["compile_seconds"], 1),
     }
-    if args.peer:
-        del state, batch  # free memory before the peer runs
-        python = args.peer_python or peer_python(args.peer_cache)
-        peer = run_peer(python, peer_kwargs, batch_size=batch_size, image_size=size,
-                        context_tokens=run.tokenizer.max_length, steps=args.steps)
+    if peer is not None:
+        info = peer.ready()
+        peer_step_s = median([r["peer_step_s"] for r in rounds])
         result.update({
-            "peer": f"diffusers {peer['diffusers']} FlaxUNet2DConditionModel",
-            "peer_devices": peer["devices"],
-            "peer_unet_params_m": peer["unet_params_m"],
-            "peer_step_s": round(peer["step_s"], 4),
-            "peer_images_per_s": round(peer["images_per_s"], 2),
-            "peer_gflops_per_step": round(peer["gflops_per_step"], 2),
+            "peer": f"diffusers {info['diffusers']} FlaxUNet2DConditionModel",
+            "peer_devices": info["devices"],
+            "peer_unet_params_m": info["unet_params_m"],
+            "peer_step_s": round(peer_step_s, 4),
+            "peer_images_per_s": round(batch_size / peer_step_s, 2),
+            "peer_gflops_per_step": round(info["gflops_per_step"], 2),
             "peer_peak_fraction": round(
-                peer["gflops_per_step"] * 1e9 / peer["step_s"] / matmul_peak, 3),
-            "peer_ratio": round(result["images_per_s"] / peer["images_per_s"], 3),
+                info["gflops_per_step"] * 1e9 / peer_step_s / matmul_peak, 3),
+            "peer_ratio": round(peer_step_s / step_s, 3),
+            # Per-round ratios: their spread shows how much the machine's load moved.
+            "peer_ratio_per_round": [round(r["peer_step_s"] / r["step_s"], 3) for r in rounds],
         })
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
