@@ -9,7 +9,8 @@ our optimizer's settings, EMA, the batch split over all devices and the state re
 Protocol (so that the parent can interleave its own timing rounds with the peer's and a shared
 machine's load falls on both sides alike): after compiling and two warm-up steps it prints one
 JSON line describing the step; then for every line "N" on stdin it runs N steps and prints
-{"step_s": ...}; it exits at the end of stdin.
+{"step_s": ..., "core_s": ...} (wall and process CPU seconds per step); it exits at the end of
+stdin.
 """
 
 import json
@@ -88,11 +89,12 @@ def main():
     }), flush=True)
     for line in sys.stdin:
         steps = int(line)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             state, loss = compiled(state, images, context)
         jax.block_until_ready(loss)
-        print(json.dumps({"step_s": (time.perf_counter() - start) / steps}), flush=True)
+        print(json.dumps({"step_s": (time.perf_counter() - start) / steps,
+                          "core_s": (time.process_time() - start_cpu) / steps}), flush=True)
 
 
 if __name__ == "__main__":

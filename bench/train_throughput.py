@@ -172,11 +172,12 @@ class PeerProcess:
             self.info = self._reply()
         return self.info
 
-    def time_steps(self, steps: int) -> float:
+    def time_steps(self, steps: int) -> dict:
+        """{"step_s": wall seconds, "core_s": process CPU seconds} per step."""
         self.ready()
         self._process.stdin.write(f"{steps}\n")
         self._process.stdin.flush()
-        return float(self._reply()["step_s"])
+        return self._reply()
 
     def close(self):
         if self._process.poll() is None:
@@ -298,13 +299,16 @@ def run_bench(args, config, batch_size: int, peer_size: bool, peer) -> dict:
     # other processes on a shared machine weighs on all three; figures are medians over rounds.
     rounds = []
     for _ in range(args.rounds):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             state, metrics = run.compiled_step(state, run.text_params, batch)
         jax.block_until_ready(metrics)
-        figures = {"step_s": (time.perf_counter() - start) / args.steps}
+        figures = {"step_s": (time.perf_counter() - start) / args.steps,
+                   "core_s": (time.process_time() - start_cpu) / args.steps}
         if peer is not None:
-            figures["peer_step_s"] = peer.time_steps(args.steps)
+            peer_figures = peer.time_steps(args.steps)
+            figures["peer_step_s"] = peer_figures["step_s"]
+            figures["peer_core_s"] = peer_figures["core_s"]
         figures["matmul_peak"] = measured_matmul_peak(devices=devices) * len(devices)
         rounds.append(figures)
     if not np.isfinite(float(metrics["loss"])):
@@ -329,6 +333,9 @@ def run_bench(args, config, batch_size: int, peer_size: bool, peer) -> dict:
         "batch_size": batch_size,
         "steps_x_rounds": [args.steps, args.rounds],
         "step_s": round(step_s, 4),
+        # CPU seconds of all cores per step: the work done, which load from other processes
+        # on a shared machine barely changes (on accelerators: host time only).
+        "core_s_per_step": round(median([r["core_s"] for r in rounds]), 4),
         "images_per_s": round(batch_size / step_s, 2),
         "gflops_per_step": round(flops / 1e9, 2),
         "achieved_gflops_per_s": round(flops / step_s / 1e9, 1),
@@ -353,6 +360,9 @@ def run_bench(args, config, batch_size: int, peer_size: bool, peer) -> dict:
             "peer_ratio": round(peer_step_s / step_s, 3),
             # Per-round ratios: their spread shows how much the machine's load moved.
             "peer_ratio_per_round": [round(r["peer_step_s"] / r["step_s"], 3) for r in rounds],
+            "peer_core_s_per_step": round(median([r["peer_core_s"] for r in rounds]), 4),
+            "peer_core_ratio": round(median([r["peer_core_s"] for r in rounds])
+                                     / median([r["core_s"] for r in rounds]), 3),
         })
     return result
 
