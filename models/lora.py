@@ -214,7 +214,8 @@ def _fold(variable: nnx.Variable, delta: np.ndarray | jnp.ndarray) -> None:
 def merge_lora(module: nnx.Module) -> int:
     """Folds every LoRA layer into its base kernel (W += scale * A @ B) and puts the plain
     layer back, in place; returns how many were merged. The module then has the plain
-    model's structure (for export, or sampling without the adapter's extra matmuls)."""
+    model's structure (for export, or sampling without the adapter's extra matmuls). The
+    kernels' Variables are written, as in `apply_lora_weights(merge=True)`."""
     found = [(path, layer) for path, layer in _layers(module) if isinstance(layer, _LORA_LAYERS)]
     for path, layer in found:
         delta = layer.scale * (jnp.asarray(layer.lora.lora_a.get_value(), jnp.float32)
@@ -535,6 +536,9 @@ def apply_lora_weights(module: nnx.Module, lora: Mapping, *, component: str = "u
     `merge=True` folds `W += scale * alpha / r * up @ down` into the base kernels (1x1 and
     kxk convs too) and leaves no LoRA modules; otherwise each layer becomes a LoRA layer with
     that scale. Keys that name no layer of `module` are an error that lists them.
+
+    Merging writes into the kernels' Variables: a module from `nnx.merge(graphdef, state)`
+    shares them with `state` unless merged with `copy=True`.
     """
     if lora and all(key in COMPONENTS for key in lora):
         if component not in lora:
