@@ -216,3 +216,27 @@ def test_sharded_load_equals_whole_load(pipelines):
     assert any(len({str(s.index) for s in x.addressable_shards}) > 1 for x in got)
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_index_sharded_and_fp16_weight_files(pipelines, tmp_path):
+    """The UNet files diffusers writes for large models (an index over several safetensors
+    files) and the `fp16` variant load the same parameters (fp16 rounded, cast to float32)."""
+    from diffusers import UNet2DConditionModel
+
+    source = pipelines["1.x"] / "unet"
+    config, _ = resolve_pretrained_config(_config(pipelines["1.x"]))
+    _, abstract = abstract_unet(config.model)
+    shardings = tree_shardings(make_mesh((("data", 2), ("fsdp", 4))), abstract)
+    expected = [np.asarray(x) for x in jax.tree_util.tree_leaves(
+        load_unet_params(source, abstract, shardings))]
+
+    unet = UNet2DConditionModel.from_pretrained(source)
+    unet.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    unet.half().save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert (tmp_path / "fp16" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    for directory, tolerance in ((tmp_path / "sharded", 0.0), (tmp_path / "fp16", 1e-3)):
+        got = jax.tree_util.tree_leaves(load_unet_params(directory, abstract, shardings))
+        assert all(x.dtype == np.float32 for x in got)
+        for a, b in zip(expected, got, strict=True):
+            np.testing.assert_allclose(np.asarray(b), a, rtol=tolerance, atol=tolerance)
