@@ -9,6 +9,8 @@ Launch:
 
 import ml_collections
 
+from models.lora import default_lora_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -120,6 +122,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Its configs fix model.unet, model.text_encoder, the noise schedule and prediction type
     # (models/pretrained.py); the UNet then works on the frozen VAE's latents.
     model.pretrained = ""
+    # LoRA (models/lora.py): rank > 0 trains low-rank adapters on the `targets` layers only;
+    # the UNet's own weights stay frozen, read from model.pretrained, and the optimizer, EMA and
+    # checkpoints hold the adapters alone. rank 0 fine-tunes (or trains) the whole UNet.
+    # Fields: rank, alpha (scale alpha / rank), targets, text_encoder (not supported yet).
+    model.lora = default_lora_config()
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "cosine"

@@ -375,8 +375,10 @@ def image_keys(seeds, image_indices):
         seeds, image_indices)
 
 
-def make_denoise_fn(apply_fn, solver: Solver, image_shape, *, guidance_rescale: float = 0.0):
-    """denoise(params, cond, uncond, seeds, image_indices, cfg_scales) -> images in [-1, 1].
+def make_denoise_fn(apply_fn, solver: Solver, image_shape, *, guidance_rescale: float = 0.0,
+                    clip: bool = True):
+    """denoise(params, cond, uncond, seeds, image_indices, cfg_scales) -> images in [-1, 1]
+    (`clip=False`: the solver's output as it is, e.g. latents, whose scale is not a pixel range).
 
     apply_fn(params, x, t [B], text) -> model output, where text is a pytree of per-example
     conditioning ({"hidden", "pooled"} for the project's UNet). cond / uncond: the prompts' and
@@ -408,7 +410,7 @@ def make_denoise_fn(apply_fn, solver: Solver, image_shape, *, guidance_rescale: 
 
         noise = per_image_normal(keys, 0)
         images = run_solver(solver, model_fn, noise, lambda i: per_image_normal(keys, i + 1))
-        return jnp.clip(images, -1.0, 1.0)
+        return jnp.clip(images, -1.0, 1.0) if clip else images
 
     return denoise
 

@@ -16,7 +16,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/)
 _OUT = flags.DEFINE_string("out", None, "New (or empty) output directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _NO_EMA = flags.DEFINE_boolean("no_ema", False, "Export the raw parameters, not the EMA.")
-_LORA = flags.DEFINE_boolean("lora", False, "Export LoRA weights only (not implemented yet).")
+_LORA = flags.DEFINE_boolean(
+    "lora", False, "A LoRA run: write only the adapters (pytorch_lora_weights.safetensors, "
+    "for load_lora_weights) instead of the merged pipeline.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 EXIT_USER_ERROR = 2
@@ -25,14 +27,14 @@ EXIT_USER_ERROR = 2
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _LORA.value:
-        raise NotImplementedError(
-            "--lora: LoRA export is not implemented by this command yet; export the full UNet "
-            "without --lora")
-    from export.diffusers_export import export_checkpoint
+    from export.diffusers_export import export_checkpoint, export_lora_checkpoint
     from train.log_setup import setup_logging
 
     setup_logging()
+    if _LORA.value:
+        path = export_lora_checkpoint(_WORKDIR.value, _OUT.value, step=_STEP.value)
+        print(f"exported the EMA LoRA adapters to {path}")
+        return
     summary = export_checkpoint(_WORKDIR.value, _OUT.value, step=_STEP.value, ema=not _NO_EMA.value)
     weights = "EMA" if summary.ema else "raw (--no_ema)"
     print(f"exported the {weights} UNet of checkpoint step {summary.step} to {summary.out}: "

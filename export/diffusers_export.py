@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from models.hf_weights import to_torch_state_dict
+from models.lora import LORA_PARAMS, export_lora
 from models.unet import UNet2DConditionModel
 
 UNET_DIR = "unet"
@@ -173,12 +174,10 @@ def export_checkpoint(workdir: str, out: str | Path, *, step: int | None = None,
     config = checkpoint.load_config(workdir, step)
     diffusers_unet_config(config.model.unet)  # fail before reading any parameter
     lora = config.model.get("lora") or {}
-    if lora.get("rank", 0):
-        # The checkpoint holds adapters over a frozen base, not a UNet this function can write.
+    if lora.get("rank", 0) and not ema:
         raise ExportError(
-            f"config.model.lora.rank={lora['rank']}: this run trained LoRA adapters; exporting "
-            "a LoRA run is not implemented by this command yet (models.lora.export_lora writes "
-            "the adapters in the diffusers format)")
+            f"config.model.lora.rank={lora['rank']}: --no_ema is not supported for a LoRA run "
+            "(the EMA adapters are merged into the pretrained UNet)")
     pretrained = config.model.get("pretrained") or None
     index, parts = _pretrained_parts(Path(pretrained)) if pretrained else (None, [])
     out = Path(out)
@@ -190,6 +189,7 @@ def export_checkpoint(workdir: str, out: str | Path, *, step: int | None = None,
     if not ema:
         shardings = jax.tree_util.tree_map(lambda x: x.sharding, params)
         params = _raw_params(workdir, step, params, shardings)
+    # (a LoRA run's adapters come folded into the pretrained kernels: a plain UNet)
     unet = nnx.merge(model.unet_graphdef, params)
 
     unet_config = dict(config.model.unet)
@@ -215,3 +215,24 @@ def export_checkpoint(workdir: str, out: str | Path, *, step: int | None = None,
     partial.rename(out)
     return ExportSummary(out=out, step=step, ema=ema, pipeline=bool(pretrained),
                          parts=(UNET_DIR, *parts, *((MODEL_INDEX,) if pretrained else ())))
+
+
+def export_lora_checkpoint(workdir: str, out: str | Path, *, step: int | None = None) -> Path:
+    """Writes the EMA LoRA adapters of a LoRA run (`model.lora.rank` > 0) as
+    `out/pytorch_lora_weights.safetensors`, which `StableDiffusionPipeline.load_lora_weights(out)`
+    applies to the pretrained pipeline the run started from."""
+    from sample.pipeline import load_model
+    from train import checkpoint
+
+    step = checkpoint.resolve_step(workdir, step)
+    config = checkpoint.load_config(workdir, step)
+    lora = config.model.get("lora") or {}
+    if not lora.get("rank", 0):
+        raise ExportError("--lora: this run trained the whole UNet (config.model.lora.rank=0); "
+                          "export it without --lora")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"--out {out} is not empty; export writes into a new directory")
+    model = load_model(workdir, step, devices=jax.local_devices()[:1], merge_lora=False)
+    adapters = nnx.state(nnx.merge(model.unet_graphdef, model.params), LORA_PARAMS)
+    return export_lora(out, adapters, alpha=float(lora["alpha"]))

@@ -8,6 +8,7 @@ Several hosts: the same command on each, plus --coordinator_address HOST:PORT
 --num_processes N --process_id I; every host writes its own share into the shared --out.
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -38,6 +39,13 @@ _SEED = flags.DEFINE_integer("seed", None, "Base seed; prompt i uses seed + i un
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Images per device per batch.")
 _GRID = flags.DEFINE_boolean("grid", True, "Also write grid.png of the first 64 images.")
+_LORA = flags.DEFINE_multi_string(
+    "lora", [], "A LoRA file or directory (ours, diffusers/PEFT or kohya-ss safetensors) to "
+    "apply; repeat for several.")
+_LORA_SCALE = flags.DEFINE_float("lora_scale", 1.0, "Multiplies each --lora file's alpha / rank.")
+_LORA_MERGE = flags.DEFINE_boolean(
+    "lora_merge", True, "Fold LoRA adapters (--lora files, a LoRA run's own) into the weights "
+    "(faster); --nolora_merge keeps them as adapter layers.")
 flags.mark_flags_as_required(["workdir", "out"])
 _CPU_DEVICES = define_cpu_devices_flag()
 _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
@@ -48,7 +56,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     apply_cpu_devices_flag(_CPU_DEVICES.value)
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from sample.pipeline import load_model, options_from_config, sample_to_dir
+    from sample.pipeline import load_model, options_from_config, sample_to_dir, with_lora_files
     from sample.prompts import PromptDefaults, check_settings, scan_prompts
     from train.log_setup import setup_logging
 
@@ -65,7 +73,12 @@ def main(argv):
     scan_prompts(_PROMPT.value, _PROMPTS_FILE.value, PromptDefaults(
         seed=_SEED.value or 0, cfg_scale=_CFG.value or 0.0, num_images=_NUM.value,
         steps=_STEPS.value or 1))
-    model = load_model(_WORKDIR.value, _STEP.value)
+    for path in _LORA.value:  # fail in a second, not after reading the checkpoint
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--lora {path}: no such file or directory")
+    model = with_lora_files(
+        load_model(_WORKDIR.value, _STEP.value, merge_lora=_LORA_MERGE.value), _LORA.value,
+        scale=_LORA_SCALE.value, merge=_LORA_MERGE.value)
     options = options_from_config(
         model.config, sampler=_SAMPLER.value, steps=_STEPS.value, cfg_scale=_CFG.value,
         eta=_ETA.value, seed=_SEED.value, num_images_per_prompt=_NUM.value,

@@ -31,18 +31,14 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from diffusion.guidance import classifier_free_guidance
 from diffusion.sampling import (
     image_grid,
-    image_keys,
     make_denoise_fn,
     make_solver,
-    run_solver,
     to_uint8,
 )
 from diffusion.schedules import schedule_from_config
 from models.factory import (
-    abstract_unet,
     build_frozen_text_encoder,
     build_frozen_vae,
     latent_decoder_fn,
@@ -56,6 +52,7 @@ from sample.prompts import (
     scan_prompts,
 )
 from train import checkpoint
+from train.setup import abstract_trainable_unet
 from train.sharding import make_mesh, replicated
 
 MANIFEST = "manifest.jsonl"
@@ -71,35 +68,16 @@ __all__ = [
 def make_latent_image_fn(apply_fn, solver, latent_shape, decode, *,
                          guidance_rescale: float = 0.0):
     """images(params, vae_params, cond, uncond, seeds, image_indices, cfg_scales) -> images in
-    [-1, 1]: the solver loop over latents of `latent_shape`, then `decode(vae_params, latents)`.
-
-    The same loop, noise and guidance as `diffusion.sampling.make_denoise_fn` (same keys: an
-    image's latent noise depends only on its seed and index), without its final clip to
-    [-1, 1], which is a pixel range: scaled latents are about unit variance.
+    [-1, 1]: `diffusion.sampling.make_denoise_fn`'s loop over latents of `latent_shape` (same
+    keys: an image's latent noise depends only on its seed and index), then
+    `decode(vae_params, latents)`. The clip to [-1, 1] comes after decoding: scaled latents are
+    about unit variance, not a pixel range.
     """
-
-    def per_image_normal(keys, index):
-        return jax.vmap(
-            lambda key: jax.random.normal(jax.random.fold_in(key, index), latent_shape))(keys)
-
-    def interleave(a, b):
-        return jnp.stack([a, b], axis=1).reshape((-1, *a.shape[1:]))
+    denoise = make_denoise_fn(apply_fn, solver, latent_shape, guidance_rescale=guidance_rescale,
+                              clip=False)
 
     def images(params, vae_params, cond, uncond, seeds, image_indices, cfg_scales):
-        keys = image_keys(seeds, image_indices)
-        batch = keys.shape[0]
-        scales = jnp.asarray(cfg_scales, jnp.float32).reshape(
-            (batch,) + (1,) * len(latent_shape))
-        text = jax.tree_util.tree_map(interleave, cond, uncond)
-
-        def model_fn(x, t):
-            both = apply_fn(params, interleave(x, x), jnp.full((2 * batch,), t, jnp.float32), text)
-            both = both.reshape((batch, 2, *both.shape[1:]))
-            return classifier_free_guidance(both[:, 0], both[:, 1], scales,
-                                            guidance_rescale=guidance_rescale)
-
-        noise = per_image_normal(keys, 0)
-        latents = run_solver(solver, model_fn, noise, lambda i: per_image_normal(keys, i + 1))
+        latents = denoise(params, cond, uncond, seeds, image_indices, cfg_scales)
         return jnp.clip(decode(vae_params, latents), -1.0, 1.0)
 
     return images
@@ -120,19 +98,61 @@ class LoadedModel:
     decode_latents: object = None
 
 
-def load_model(workdir: str, step: int | None = None, *, devices=None) -> LoadedModel:
+def with_lora_files(model: LoadedModel, paths: Sequence[str], *, scale: float = 1.0,
+                    merge: bool = True) -> LoadedModel:
+    """`model` with LoRA files (ours, diffusers / PEFT, kohya-ss) applied to its UNet and, where
+    a file has one, its text encoder, each at `scale` x alpha / rank. `merge` folds them into
+    the weights (no extra matmuls per step); otherwise they stay separate adapter layers."""
+    from models.lora import apply_lora_weights, load_lora_file
+
+    if not paths:
+        return model
+    # Copies: merging writes into the kernels, and `model` must stay as it was.
+    unet = nnx.merge(model.unet_graphdef, model.params, copy=True)
+    text = nnx.merge(model.text_graphdef, model.text_params, copy=True)
+    for path in paths:
+        lora = load_lora_file(path)
+        if "unet" in lora:
+            apply_lora_weights(unet, lora, scale=scale, merge=merge)
+        if "text_encoder" in lora:
+            apply_lora_weights(text, lora, component="text_encoder", scale=scale, merge=merge)
+    rep = replicated(model.mesh)
+    unet_graphdef, params = nnx.split(unet)
+    text_graphdef, text_params = nnx.split(text)
+    return dataclasses.replace(
+        model, unet_graphdef=unet_graphdef, params=jax.device_put(params, rep),
+        text_graphdef=text_graphdef, text_params=jax.device_put(text_params, rep))
+
+
+def load_model(workdir: str, step: int | None = None, *, devices=None,
+               merge_lora: bool = True) -> LoadedModel:
     """The EMA UNet of the latest (or given) checkpoint, with the config saved beside it,
-    parameters replicated over a 1-D ("data",) mesh of `devices` (default: all)."""
+    parameters replicated over a 1-D ("data",) mesh of `devices` (default: all). A LoRA run's
+    checkpoint holds adapters: they go on the frozen UNet of its `model.pretrained`, folded
+    into its kernels (`merge_lora`, no extra matmuls per solver step) or as adapter layers."""
+    from models import lora
+    from models.pretrained import load_unet_params
+
     step = checkpoint.resolve_step(workdir, step)
     config = checkpoint.load_config(workdir, step)
     mesh = make_mesh([("data", -1)], devices=devices)
-    unet_graphdef, abstract_params = abstract_unet(config.model, remat=False)
+    unet_graphdef, abstract_params, abstract_base = abstract_trainable_unet(
+        config.model, remat=False)
     # Parameter shapes that do not fit the stored config fail here with the names, not deep
     # inside Orbax.
     checkpoint.check_compatible(workdir, step, config, abstract_params)
     rep = replicated(mesh)
-    params, _ = checkpoint.restore_ema_params(
-        workdir, step, abstract_params, jax.tree_util.tree_map(lambda _: rep, abstract_params))
+    everywhere = lambda tree: jax.tree_util.tree_map(lambda _: rep, tree)
+    params, _ = checkpoint.restore_ema_params(workdir, step, abstract_params,
+                                              everywhere(abstract_params))
+    if abstract_base is not None:
+        base = load_unet_params(f"{config.model.pretrained}/unet", abstract_base,
+                                everywhere(abstract_base))
+        params = lora.merge_params(base, params)
+        if merge_lora:
+            unet = nnx.merge(unet_graphdef, params)
+            lora.merge_lora(unet)
+            unet_graphdef, params = nnx.split(unet)
     tokenizer, text_graphdef, text_params = build_frozen_text_encoder(config.model, workdir)
     text_params = jax.device_put(text_params, rep)
     # The saved config names the pretrained directory: the VAE is read from there.

@@ -209,15 +209,19 @@ def test_refuses_a_non_empty_out(run, exported):
         export_checkpoint(run[0], exported[0])
 
 
-def test_refuses_a_lora_run_rather_than_writing_the_base(tmp_path):
+def test_refuses_raw_lora_adapters_and_lora_export_of_a_full_run(tmp_path, run):
     import ml_collections
+
+    from export.diffusers_export import export_lora_checkpoint
 
     config = _config()
     config.model.lora = ml_collections.ConfigDict({"rank": 4, "alpha": 4.0})
     workdir = str(tmp_path / "run")
     _save_checkpoint(workdir, config)
-    with pytest.raises(ExportError, match=r"config.model.lora.rank=4: this run trained LoRA"):
-        export_checkpoint(workdir, tmp_path / "out")
+    with pytest.raises(ExportError, match=r"lora.rank=4: --no_ema is not supported"):
+        export_checkpoint(workdir, tmp_path / "out", ema=False)
+    with pytest.raises(ExportError, match=r"whole UNet \(config.model.lora.rank=0\)"):
+        export_lora_checkpoint(run[0], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

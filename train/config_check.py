@@ -14,6 +14,7 @@ from diffusion.schedules import SCHEDULES
 from diffusion.solvers import TIMESTEP_SPACINGS
 from diffusion.timestep_sampling import TIMESTEP_SAMPLINGS
 from models.logical_axes import LOGICAL_AXES
+from models.lora import check_lora_config
 from models.text_encoder import DEMO_TOKENIZERS, TEXT_ENCODER_KINDS
 from models.unet import RESNET_TIME_SCALE_SHIFTS
 from train.sharding import MESH_AXES
@@ -75,6 +76,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive("data.shuffle_buffer", data.shuffle_buffer, allow_zero=True)
 
     unet = model.unet
+    lora = model.get("lora")
+    if lora is not None:
+        try:
+            check_lora_config(lora.rank, lora.alpha, lora.targets, field="config.model.lora")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if lora.rank and not model.get("pretrained", ""):
+            raise ConfigError(
+                f"config.model.lora.rank={lora.rank} trains adapters on a frozen pretrained UNet: "
+                "set config.model.pretrained (rank 0 trains the whole UNet)")
+        if lora.rank and lora.get("text_encoder", False):
+            # The step encodes prompts outside the differentiated loss, with frozen weights.
+            raise ConfigError(
+                "config.model.lora.text_encoder=True: training text-encoder adapters is not "
+                "supported yet; set it to False (the UNet's adapters still train)")
     # With model.pretrained the UNet works on VAE latents: models.pretrained sets its
     # sample_size from data.image_size and checks the sizes against the VAE.
     if not model.get("pretrained", "") and unet.sample_size != data.image_size:

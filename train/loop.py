@@ -13,13 +13,12 @@ from tqdm.auto import tqdm
 
 from data_pipeline import input_pipeline
 from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
-from models.factory import abstract_unet
 from models.pretrained import PretrainedError, resolve_pretrained_config
 from train import checkpoint, lock, mfu
 from train.config_check import ConfigError, validate_config
 from train.metrics import MetricWriter
 from train.preemption import PreemptionWatch
-from train.setup import build_run
+from train.setup import abstract_trainable_unet, build_run
 from train.sharding import check_batch_divides, data_parallel_size, make_mesh
 
 
@@ -144,7 +143,8 @@ def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemptio
     # A relaunch with another model stops here, before anything in the workdir changes.
     latest = checkpoint.latest_step(workdir)
     if latest is not None:
-        checkpoint.check_compatible(workdir, latest, config, abstract_unet(config.model)[1])
+        checkpoint.check_compatible(workdir, latest, config,
+                                    abstract_trainable_unet(config.model)[1])
     input_pipeline.prepare_inputs(config, str(workdir))
     if not dry_run:
         checkpoint.save_config(workdir, config)
@@ -190,9 +190,9 @@ def _run(config: ml_collections.ConfigDict, workdir, *, dry_run: bool, preemptio
             data_iter=data_iter, data_sharding=data_sharding, manager=manager,
             start_step=start_step, last_saved=latest, cost=cost, preemption=preemption,
             sample_grid=_make_sample_grid_fn(
-                config, abstract_unet(config.model, remat=False)[0], schedule, tokenizer,
-                encode_text, text_params,
-                vae_params=run.vae_params, decode_latents=run.decode_latents)
+                config, run.sample_unet_graphdef, schedule, tokenizer, encode_text,
+                text_params, vae_params=run.vae_params, decode_latents=run.decode_latents,
+                unet_params=run.full_unet_params)
             if train_cfg.sample_every_steps else None,
         )
     finally:
@@ -323,7 +323,7 @@ def _open_data(config, workdir, tokenizer, batch_per_process: int):
 
 
 def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, encode_text, text_params,
-                         *, vae_params=None, decode_latents=None):
+                         *, vae_params=None, decode_latents=None, unet_params=lambda p: p):
     """EMA samples for config.train.sample_prompts with the config's solver, tiled into a grid
     (latents decoded by the frozen VAE for a latent model)."""
     from flax import nnx
@@ -361,7 +361,9 @@ def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, encode_text
     scales = np.full((count,), sample.cfg_scale, np.float32)
 
     def grid(ema_params):
-        images = to_uint8(denoise(ema_params, context, uncond, seeds, indices, scales))
+        # (LoRA: the EMA adapters with the frozen base, one state for the graphdef)
+        images = to_uint8(denoise(unet_params(ema_params), context, uncond, seeds, indices,
+                                  scales))
         return image_grid(images, columns=count)
 
     return grid

@@ -36,6 +36,7 @@ from models.factory import (
     latent_encoder_fn,
     text_conditioning_fn,
 )
+from models.lora import abstract_lora_model, init_lora_params, merge_params
 from models.pretrained import load_unet_params, resolve_pretrained_config
 from train.sharding import (
     DEFAULT_RULES,
@@ -83,11 +84,46 @@ class Run:
     # passed to the step after the batch, and its decoder for sample grids. None in pixel space.
     vae_params: Any = None
     decode_latents: Callable | None = None  # decode(vae_params, latents) -> images
+    # LoRA (`model.lora.rank` > 0): the frozen UNet weights (placed on the mesh); the state's
+    # params are the adapters alone. None otherwise.
+    unet_base: Any = None
+    # The UNet's graphdef without remat, for sampling (nnx.remat fails to trace inside the
+    # solver loop; recomputation only matters for a backward pass). Same parameters.
+    sample_unet_graphdef: Any = None
 
     @property
     def extra_inputs(self) -> tuple:
-        """The step's frozen inputs after the batch: (vae_params,) for a latent model."""
-        return () if self.vae_params is None else (self.vae_params,)
+        """The step's frozen inputs after the batch: (vae_params,) for a latent model,
+        (vae_params, unet_base) for LoRA."""
+        frozen = () if self.vae_params is None else (self.vae_params,)
+        return frozen if self.unet_base is None else (*frozen, self.unet_base)
+
+    def full_unet_params(self, params):
+        """One state for `nnx.merge(unet_graphdef, ...)`: LoRA adapters with the frozen base."""
+        return params if self.unet_base is None else merge_params(self.unet_base, params)
+
+
+def lora_options(model_config: ml_collections.ConfigDict) -> dict | None:
+    """`models.lora` keyword arguments of `model.lora` when it trains adapters (rank > 0)."""
+    lora = model_config.get("lora")
+    if lora is None or not lora.rank:
+        return None
+    return {"rank": int(lora.rank), "alpha": float(lora.alpha), "targets": tuple(lora.targets)}
+
+
+def abstract_trainable_unet(model_config: ml_collections.ConfigDict, *,
+                            remat: bool | None = None):
+    """(graphdef, abstract trainable params, abstract frozen base | None), allocating nothing:
+    the whole UNet and None, or with `model.lora.rank` > 0 the adapters and the frozen UNet
+    (whose tree is the plain UNet's, so the pretrained loader fills it as it is). Training,
+    the loop's resume check, the sampler and the exporter share it."""
+    options = lora_options(model_config)
+    if options is None:
+        graphdef, params = abstract_unet(model_config, remat=remat)
+        return graphdef, params, None
+    graphdef, base, adapters = abstract_lora_model(
+        lambda: build_unet(model_config, nnx.Rngs(0), remat=remat), **options)
+    return graphdef, adapters, base
 
 
 def mesh_rules(config: ml_collections.ConfigDict) -> tuple:
@@ -165,20 +201,37 @@ def build_run(
     text_shardings = tree_shardings(mesh, text_params, rules)
     text_params = jax.device_put(text_params, text_shardings)
     encode_text = text_conditioning_fn(config.model, tokenizer, text_graphdef)
-    unet_graphdef, _ = abstract_unet(config.model)
+    # With model.lora the state trains adapters and the pretrained UNet is a frozen input.
+    unet_graphdef, _, abstract_base = abstract_trainable_unet(config.model)
+    sample_unet_graphdef = abstract_trainable_unet(config.model, remat=False)[0]
+    lora_kw = lora_options(config.model)
+    build = lambda: build_unet(config.model, nnx.Rngs(0))
     optimizer, learning_rate_fn = make_optimizer(config.optim, train_cfg.num_train_steps)
     schedule = schedule_from_config(config.diffusion)
 
     def init_state(rng):
-        unet = build_unet(config.model, nnx.Rngs(params=jax.random.fold_in(rng, 1)))
-        _, params = nnx.split(unet)
+        if lora_kw:  # the adapters alone: XLA drops the unused base initialisation
+            params = init_lora_params(build, jax.random.fold_in(rng, 1), **lora_kw)
+        else:
+            unet = build_unet(config.model, nnx.Rngs(params=jax.random.fold_in(rng, 1)))
+            _, params = nnx.split(unet)
         return init_train_state(params, optimizer, jax.random.fold_in(rng, 2))
 
     abstract_state = jax.eval_shape(init_state, rng)
     state_shardings = tree_shardings(mesh, abstract_state, rules)
     jitted_init = jax.jit(init_state, out_shardings=state_shardings)
     pretrained = config.model.get("pretrained", "")
-    if pretrained:
+    unet_base = base_shardings = None
+    if lora_kw:
+        if not pretrained:
+            raise ValueError("config.model.lora.rank > 0 needs config.model.pretrained (the "
+                             "frozen UNet the adapters train on)")
+        # The base keeps the plain UNet's tree: the pretrained loader fills it as it is.
+        base_shardings = tree_shardings(mesh, abstract_base, rules)
+        unet_base = load_unet_params(f"{pretrained}/unet", abstract_base, base_shardings)
+    # With LoRA the state (fresh adapters) is initialised; the pretrained UNet is its base.
+    state_from_pretrained = bool(pretrained) and not lora_kw
+    if state_from_pretrained:
         from_params = jax.jit(
             lambda params, rng: init_train_state(params, optimizer, jax.random.fold_in(rng, 2)),
             out_shardings=state_shardings, donate_argnums=(0,))
@@ -216,6 +269,8 @@ def build_run(
         noise_offset=float(config.diffusion.get("noise_offset", 0.0)),
     )
     extra_shardings = () if vae is None else (vae_shardings,)
+    if lora_kw:
+        extra_shardings = (*extra_shardings, base_shardings)
     train_step = jax.jit(
         step_fn,
         in_shardings=(state_shardings, text_shardings, data_sharding, *extra_shardings),
@@ -230,7 +285,7 @@ def build_run(
     state = compiled_step = None
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile") as pool:
         init_future = None
-        if init and pretrained:  # reading the weights overlaps the step's compilation
+        if init and state_from_pretrained:  # reading the weights overlaps the step's compilation
             init_future = pool.submit(load_state, rng)
         elif init:
             init_future = pool.submit(jitted_init.lower(rng).compile)
@@ -240,9 +295,11 @@ def build_run(
                 _abstract(text_params, text_shardings),
                 abstract_batch,
                 *(() if vae is None else (_abstract(vae_params, vae_shardings),)),
+                *(() if unet_base is None else (_abstract(unet_base, base_shardings),)),
             ).compile()
         if init_future is not None:
-            state = init_future.result() if pretrained else init_future.result()(rng)
+            state = (init_future.result() if state_from_pretrained
+                     else init_future.result()(rng))
     figures = compiled_figures(compiled_step) if compile else {}
     figures["compile_seconds"] = time.time() - start
     figures["unet_params"] = int(
@@ -259,8 +316,10 @@ def build_run(
         encode_text=encode_text, unet_graphdef=unet_graphdef, schedule=schedule,
         optimizer=optimizer, learning_rate_fn=learning_rate_fn, abstract_state=abstract_state,
         state_shardings=state_shardings, data_sharding=data_sharding,
-        abstract_batch=abstract_batch, init_state=load_state if pretrained else jitted_init,
+        abstract_batch=abstract_batch,
+        init_state=load_state if state_from_pretrained else jitted_init,
         train_step=train_step, compiled_step=compiled_step, figures=figures, rng=rng,
         state=state, vae_params=vae_params,
         decode_latents=None if vae is None else latent_decoder_fn(vae),
+        unet_base=unet_base, sample_unet_graphdef=sample_unet_graphdef,
     )

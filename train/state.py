@@ -34,6 +34,10 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_train_steps: in
         return optax.warmup_cosine_decay_schedule(
             0.0, peak, warmup, max(num_train_steps, warmup + 1), end_value=end)
     if optim.decay == "constant":
+        # optax's warmup_constant_schedule(0, peak, 0) stays at 0 forever (a zero-length
+        # linear warmup holds its initial value); no warmup means the peak from step 0.
+        if warmup == 0:
+            return optax.constant_schedule(peak)
         return optax.warmup_constant_schedule(0.0, peak, warmup)
     if optim.decay == "linear":
         return optax.join_schedules(

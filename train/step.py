@@ -45,7 +45,9 @@ def make_train_step(
     noise_offset: float = 0.0,
 ):
     """Returns train_step(state, text_params, batch) -> (state, metrics), or, for a latent
-    model, train_step(state, text_params, batch, vae_params) -> (state, metrics).
+    model, train_step(state, text_params, batch, vae_params) -> (state, metrics), or, for LoRA
+    (`unet_graphdef` of a UNet with adapters, models.lora), train_step(state, text_params,
+    batch, vae_params, unet_base): the state holds the adapters, `unet_base` the frozen rest.
 
     `encode_text(text_params, input_ids) -> {"hidden", "pooled"}` runs the frozen encoder; its
     parameters are an input, not part of the state: they get no gradient and never reach the
@@ -66,8 +68,10 @@ def make_train_step(
     """
     num_train_timesteps = diffusion.num_train_timesteps
 
-    def loss_fn(params, noisy, timesteps, hidden, pooled, images, noise):
-        unet = nnx.merge(unet_graphdef, params)
+    def loss_fn(params, unet_base, noisy, timesteps, hidden, pooled, images, noise):
+        # LoRA: `params` are the adapters, `unet_base` the frozen UNet weights (a step input).
+        unet = nnx.merge(unet_graphdef, params) if unet_base is None else nnx.merge(
+            unet_graphdef, jax.lax.stop_gradient(unet_base), params)
         prediction = unet(noisy, timesteps, hidden, class_labels=pooled)
         loss, _ = diffusion_loss(
             diffusion.prediction_type, schedule, prediction, images, noise, timesteps,
@@ -77,7 +81,7 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def train_step(state: TrainState, text_params, batch, vae_params=None):
+    def train_step(state: TrainState, text_params, batch, vae_params=None, unet_base=None):
         rng = jax.random.fold_in(state.rng, state.step)
         rng_drop, rng_t, rng_noise = jax.random.split(rng, 3)
         images = images_to_model_space(batch["images"])
@@ -105,11 +109,11 @@ def make_train_step(
         inputs = (noisy, timesteps, cond["hidden"], cond["pooled"], images, noise)
 
         if grad_accum_steps == 1:
-            loss, grads = grad_fn(state.params, *inputs)
+            loss, grads = grad_fn(state.params, unet_base, *inputs)
         else:
             def accumulate(carry, micro):
                 loss_sum, grad_sum = carry
-                loss, grads = grad_fn(state.params, *micro)
+                loss, grads = grad_fn(state.params, unet_base, *micro)
                 return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
