@@ -201,6 +201,29 @@ def median(values):
     return statistics.median(values)
 
 
+def split_cpu_before_backend_starts(host_devices: int, batch_size: int) -> None:
+    """train.host_devices.apply_cpu_devices_flag, also when loading the config imported jax.
+
+    XLA reads XLA_FLAGS when the first backend starts, not when jax is imported; configs that
+    import model modules (configs/demo.py imports models.lora) import jax, which
+    split_host_cpu refuses. Nothing has started a backend yet then, so the flags still apply.
+    """
+    from train.host_devices import apply_cpu_devices_flag
+
+    jax_module = sys.modules.get("jax")
+    if jax_module is not None:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            raise SystemExit("a JAX backend started before the CPU split could be set")
+        del sys.modules["jax"]
+    try:
+        apply_cpu_devices_flag(host_devices, batch_size)
+    finally:
+        if jax_module is not None:
+            sys.modules["jax"] = jax_module
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None,
@@ -237,10 +260,8 @@ def main():
         apply_override(config, override)
     batch_size = args.batch_size or config.train.global_batch_size
 
-    # Before jax is imported: as the CLIs' --cpu_devices. The peer inherits the environment.
-    from train.host_devices import apply_cpu_devices_flag
-
-    apply_cpu_devices_flag(args.host_devices, batch_size)
+    # Before any JAX backend starts: as the CLIs' --cpu_devices. The peer inherits it.
+    split_cpu_before_backend_starts(args.host_devices, batch_size)
 
     peer = None
     if args.peer:
