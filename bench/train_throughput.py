@@ -313,7 +313,10 @@ def run_bench(args, config, batch_size: int, peer_size: bool, peer) -> dict:
         state, metrics = run.compiled_step(state, run.text_params, batch)
     jax.block_until_ready(metrics)
     if peer is not None:
+        # The peer warmed up right after compiling, possibly minutes ago while ours compiled:
+        # one more untimed step so that neither side's first round starts cold.
         peer.ready()
+        peer.time_steps(1)
 
     devices = jax.local_devices()
     # Each round times ours, the peer's and the matmul peak back to back, so that load from
