@@ -7,6 +7,13 @@ Launch:
         --config.data.paths=/data/my_shards
     python -m sample --workdir /runs/sd_ft --prompt "a photo of ..." --out /runs/sd_ft/samples
 
+LoRA (adapters only; the UNet stays frozen; see docs/notes_lora.md):
+    python -m train --config configs/finetune_sd.py --workdir /runs/sd_lora \
+        --config.model.pretrained=/models/stable-diffusion-v1-5 \
+        --config.data.paths=/data/my_shards --config.model.lora.rank=16 \
+        --config.model.lora.alpha=16 --config.optim.learning_rate=1e-4
+    python -m export --workdir /runs/sd_lora --out /runs/sd_lora/lora --lora
+
 The UNet, text encoder, VAE, noise schedule and prediction type come from the pipeline
 directory (models/pretrained.py); only the UNet trains, the text encoder and the VAE stay frozen
 and the UNet denoises VAE latents (512px images -> 64x64x4 latents). Sizes here fit one 80 GB
