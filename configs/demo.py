@@ -9,8 +9,6 @@ Launch:
 
 import ml_collections
 
-from models.lora import default_lora_config
-
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -125,8 +123,13 @@ def get_config() -> ml_collections.ConfigDict:
     # LoRA (models/lora.py): rank > 0 trains low-rank adapters on the `targets` layers only;
     # the UNet's own weights stay frozen, read from model.pretrained, and the optimizer, EMA and
     # checkpoints hold the adapters alone. rank 0 fine-tunes (or trains) the whole UNet.
-    # Fields: rank, alpha (scale alpha / rank), targets, text_encoder (not supported yet).
-    model.lora = default_lora_config()
+    # (Written out here, not imported from models.lora: a config must not import jax, whose
+    # CPU device split is set from the config before jax starts.)
+    model.lora = lora = ml_collections.ConfigDict()
+    lora.rank = 0
+    lora.alpha = 4.0  # scale = alpha / rank; alpha = rank gives scale 1
+    lora.targets = ("to_q", "to_k", "to_v", "to_out")  # attention projections of the UNet
+    lora.text_encoder = False  # adapters on the text encoder too (not supported yet)
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "cosine"

@@ -43,13 +43,20 @@ def test_an_existing_device_count_wins():
     assert out.split()[0] == "5" and "eigen" not in out
 
 
-def test_misuse_is_an_error():
-    # This test process has jax imported already: the flags could no longer take effect.
-    import jax  # noqa: F401
+def test_importing_jax_first_is_fine_until_a_backend_starts():
+    # A config may import jax (XLA reads XLA_FLAGS when the first backend starts).
+    out = _devices_after("import jax\napply_cpu_devices_flag(3)", None)
+    assert out.startswith("3 ")
 
+
+def test_misuse_is_an_error():
+    # This test process has a backend running: the flags could no longer take effect.
+    import jax
+
+    jax.devices()
     saved = os.environ.pop("XLA_FLAGS", None)
     try:
-        with pytest.raises(RuntimeError, match="before jax is imported"):
+        with pytest.raises(RuntimeError, match="before jax starts a backend"):
             split_host_cpu(2)
     finally:
         if saved is not None:

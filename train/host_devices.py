@@ -4,7 +4,8 @@ One multi-threaded XLA CPU device runs the demo UNet's small convolutions poorly
 one single-threaded device per core, with the batch split over a `data` mesh, is about 1.3x
 faster on a 2-core machine (`bench/train_throughput.py --host_devices 2` vs without). The
 flags only touch XLA's CPU backend, so a GPU or TPU run is unaffected. They must be set
-before jax is imported, which is why this module imports nothing from jax.
+before jax starts its first backend (XLA reads them then), which is why this module imports
+nothing from jax.
 """
 
 import os
@@ -42,6 +43,18 @@ def apply_cpu_devices_flag(value: int, global_batch_size: int | None = None) -> 
     return split_host_cpu(count)
 
 
+def _backend_started() -> bool:
+    """XLA reads XLA_FLAGS when jax starts its first backend, not when jax is imported."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # a jax without this module: be conservative
+        return True
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return True if started is None else bool(started())
+
+
 def split_host_cpu(num_devices: int) -> str | None:
     """Set XLA_FLAGS for `num_devices` single-threaded CPU devices; returns what was set.
 
@@ -52,8 +65,8 @@ def split_host_cpu(num_devices: int) -> str | None:
     flags = os.environ.get("XLA_FLAGS", "")
     if num_devices <= 1 or _COUNT_FLAG in flags:
         return None
-    if "jax" in sys.modules:
-        raise RuntimeError("split_host_cpu must run before jax is imported")
+    if _backend_started():
+        raise RuntimeError("split_host_cpu must run before jax starts a backend")
     added = f"{_COUNT_FLAG}={num_devices}"
     if _EIGEN_FLAG not in flags:
         added += f" {_EIGEN_FLAG}=false"
