@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.logical_axes import conv_kw, linear_kw, norm_kw
+from models.logical_axes import conv_kw, embed_kw, linear_kw, norm_kw
 
 _DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 _UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
+# None: no class embedding, or, with `num_class_embeds`, a lookup table of integer labels.
+CLASS_EMBED_TYPES = (None, "projection")
 
 
 def _conv(in_features, out_features, kernel_size, *, stride=1, dtype, param_dtype, rngs):
@@ -449,6 +451,7 @@ class UNet2DConditionModel(nnx.Module):
         use_linear_projection: bool = False,
         upcast_attention: bool = False,
         class_embed_type: str | None = None,
+        num_class_embeds: int | None = None,
         projection_class_embeddings_input_dim: int | None = None,
         resnet_time_scale_shift: str = "default",
         coordinate_channels: bool = False,
@@ -565,12 +568,20 @@ class UNet2DConditionModel(nnx.Module):
             self.class_embedding = TimestepEmbedding(
                 projection_class_embeddings_input_dim, time_embed_dim, **kw
             )
+        elif class_embed_type is None and num_class_embeds is not None:
+            # diffusers' `nn.Embedding` class embedding: one learned vector per integer label.
+            # The x4 upscaler feeds its low-resolution noise level through it (0..max level).
+            if isinstance(num_class_embeds, bool) or not isinstance(num_class_embeds, int) or (
+                    num_class_embeds < 1):
+                raise ValueError(
+                    f"num_class_embeds: a positive int expected, got {num_class_embeds!r}")
+            self.class_embedding = nnx.Embed(num_class_embeds, time_embed_dim, **kw,
+                                             **embed_kw())
         elif class_embed_type is None:
             self.class_embedding = None
         else:
             raise ValueError(
-                f"class_embed_type: only None or 'projection' are supported, got "
-                f"{class_embed_type!r}"
+                f"class_embed_type: {class_embed_type!r} is not one of {CLASS_EMBED_TYPES}"
             )
 
         down_blocks = []
@@ -634,7 +645,7 @@ class UNet2DConditionModel(nnx.Module):
         if self.class_embedding is not None:
             if class_labels is None:
                 raise ValueError("this UNet has a class embedding: pass class_labels")
-            temb = temb + self.class_embedding(class_labels.astype(self.dtype))
+            temb = temb + self._class_embed(class_labels, batch)
 
         if patch > 1:
             sample = space_to_depth(sample, patch)
@@ -654,6 +665,34 @@ class UNet2DConditionModel(nnx.Module):
         if patch > 1:
             x = depth_to_space(x, patch)
         return x.astype(jnp.float32)
+
+    def _class_embed(self, class_labels, batch: int) -> jax.Array:
+        class_labels = jnp.asarray(class_labels)
+        if not isinstance(self.class_embedding, nnx.Embed):
+            return self.class_embedding(class_labels.astype(self.dtype))
+        num_labels = self.class_embedding.num_embeddings
+        # Casting a float to an index would silently floor it (diffusers' torch.nn.Embedding
+        # refuses floats too): a noise level given as a fraction must fail, not become 0.
+        if not jnp.issubdtype(class_labels.dtype, jnp.integer):
+            raise ValueError(
+                f"class_labels: this UNet's class embedding is a table of {num_labels} rows "
+                f"(num_class_embeds), indexed by integer labels such as the upscaler's noise "
+                f"level; got dtype {class_labels.dtype}"
+            )
+        if class_labels.size not in (1, batch):
+            raise ValueError(
+                f"class_labels: one label or one per example ({batch}) expected, got shape "
+                f"{class_labels.shape}"
+            )
+        if not isinstance(class_labels, jax.core.Tracer):
+            low, high = int(class_labels.min()), int(class_labels.max())
+            if low < 0 or high >= num_labels:
+                raise ValueError(
+                    f"class_labels: values must lie in [0, {num_labels}) (num_class_embeds), "
+                    f"got {low}..{high}"
+                )
+        labels = jnp.broadcast_to(class_labels.reshape(-1), (batch,))
+        return self.class_embedding(labels)
 
 
 def space_to_depth(x: jax.Array, patch: int) -> jax.Array:
@@ -689,7 +728,6 @@ _INERT_DIFFUSERS_OPTIONS = {
     "dual_cross_attention": False,
     "addition_embed_type": None,
     "addition_time_embed_dim": None,
-    "num_class_embeds": None,
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional",
