@@ -22,6 +22,7 @@ from flax import nnx
 
 from models.hf_weights import load_torch_state_dict, read_safetensors
 from models.logical_axes import conv_kw, linear_kw, norm_kw
+from models.unet import Upsample2D  # same layer and parameter names in diffusers' VAE
 
 DOWN_BLOCK_TYPES = ("DownEncoderBlock2D",)
 UP_BLOCK_TYPES = ("UpDecoderBlock2D",)
@@ -107,14 +108,6 @@ class Downsample2D(nnx.Module):
 
     def __call__(self, x):
         return self.conv(x)
-
-
-class Upsample2D(nnx.Module):
-    def __init__(self, channels, *, dtype, param_dtype, rngs):
-        self.conv = _conv(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
 class DownEncoderBlock2D(nnx.Module):
