@@ -119,3 +119,23 @@ def sampling_noise(keys: jax.Array, shape: tuple) -> jax.Array:
     only, not on the batch or device count."""
     return jax.vmap(lambda key: jax.random.normal(
         jax.random.fold_in(key, LOW_RES_NOISE_INDEX), shape, jnp.float32))(keys)
+
+
+def with_low_res_inputs(denoise, conditioning: LowResConditioning):
+    """A solver loop (`diffusion.sampling.make_denoise_fn`'s denoise, or the latent variant
+    with the VAE's parameters first) taking two more inputs after the CFG scales: `low_res`
+    ([B, h, w, 3] in [-1, 1]) and `noise_level` ([B] ints). Each image's low-res input is
+    noised with its own key's draw (`sampling_noise`) and put into the conditional and the
+    unconditional conditioning as "low_res" / "noise_level" (CFG guides the caption only)."""
+    from diffusion.sampling import image_keys
+
+    def wrapped(*args):
+        *params, cond, uncond, seeds, image_indices, cfg_scales, low_res, noise_level = args
+        noise = sampling_noise(image_keys(seeds, image_indices), low_res.shape[1:])
+        noise_level = jnp.asarray(noise_level, jnp.int32)
+        extra = {"low_res": low_res_input(conditioning, low_res, noise, noise_level),
+                 "noise_level": noise_level}
+        return denoise(*params, {**cond, **extra}, {**uncond, **extra}, seeds, image_indices,
+                       cfg_scales)
+
+    return wrapped

@@ -124,3 +124,21 @@ def latent_decoder_fn(vae: FrozenVAE):
         return images.astype(jnp.float32)
 
     return decode
+
+
+def denoiser_apply_fn(unet_graphdef, *, super_resolution: bool):
+    """apply(params, x, t, cond) -> UNet output, for the solvers (`diffusion.sampling`).
+
+    `cond` is the per-example conditioning pytree: {"hidden", "pooled"} from the text encoder,
+    plus, for a super-resolution model, "low_res" (the extra input channels,
+    `diffusion.low_res.low_res_input`) and "noise_level" (int labels of its class embedding).
+    Training (`train.step`) calls the UNet the same way."""
+
+    def apply(params, x, t, cond):
+        unet = nnx.merge(unet_graphdef, params)
+        if super_resolution:
+            x = jnp.concatenate([x, cond["low_res"].astype(x.dtype)], axis=-1)
+            return unet(x, t, cond["hidden"], class_labels=cond["noise_level"])
+        return unet(x, t, cond["hidden"], class_labels=cond["pooled"])
+
+    return apply

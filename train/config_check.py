@@ -8,6 +8,7 @@ import ml_collections
 from data_pipeline.captions import EMPTY_CAPTION_POLICIES
 from data_pipeline.input_pipeline import DATA_SOURCES, DECODE_WORKER_KINDS, storage_options
 from diffusion.loss import LOSS_WEIGHTINGS
+from diffusion.low_res import LOW_RES_CHANNELS, RESIZE_METHODS, is_super_resolution
 from diffusion.parameterization import PREDICTION_TYPES
 from diffusion.sampling import KARRAS_SOLVERS, SOLVER_NAMES
 from diffusion.schedules import SCHEDULES
@@ -98,6 +99,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.model.unet.sample_size={unet.sample_size} must equal "
             f"config.data.image_size={data.image_size} (pixel-space diffusion)"
         )
+    if is_super_resolution(model):
+        _check_low_res(model, data.image_size, sample)
     levels = len(unet.block_out_channels)
     if len(unet.down_block_types) != levels or len(unet.up_block_types) != levels:
         raise ConfigError(
@@ -225,6 +228,46 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(steps_offset, int) or steps_offset < 0:
         raise ConfigError(f"config.sample.steps_offset={steps_offset!r} must be an int >= 0")
     _positive("sample.eta", sample.eta, allow_zero=True)
+
+
+def _check_low_res(model, image_size: int, sample) -> None:
+    """A super-resolution model (`model.low_res`, diffusion.low_res): the UNet takes the
+    low-res image's channels and its noise level as integer class labels."""
+    low_res, unet = model.low_res, model.unet
+    factor = low_res.factor
+    if not isinstance(factor, int) or factor < 1:
+        raise ConfigError(f"config.model.low_res.factor={factor!r} must be an int >= 1")
+    if image_size % factor:
+        raise ConfigError(f"config.data.image_size={image_size} must be divisible by "
+                          f"config.model.low_res.factor={factor}")
+    _choice("model.low_res.schedule", low_res.get("schedule", "scaled_linear"), SCHEDULES)
+    _choice("model.low_res.resize", low_res.get("resize", "cubic"), RESIZE_METHODS)
+    steps = low_res.get("num_train_timesteps", 1000)
+    level = low_res.max_noise_level
+    if not isinstance(level, int) or not 0 <= level < steps:
+        raise ConfigError(f"config.model.low_res.max_noise_level={level!r} must be an int in "
+                          f"[0, model.low_res.num_train_timesteps={steps})")
+    if unet.get("class_embed_type") is not None:
+        raise ConfigError(
+            f"config.model.unet.class_embed_type={unet.class_embed_type!r}: a super-resolution "
+            "model's class embedding is its noise-level table; set it to None (and "
+            "num_class_embeds > model.low_res.max_noise_level)")
+    classes = unet.get("num_class_embeds")
+    if not isinstance(classes, int) or classes <= level:
+        raise ConfigError(
+            f"config.model.unet.num_class_embeds={classes!r} must be an int > "
+            f"model.low_res.max_noise_level={level}: the noise level indexes that table")
+    if not model.get("pretrained", ""):
+        expected = unet.out_channels + LOW_RES_CHANNELS
+        if unet.in_channels != expected:
+            raise ConfigError(
+                f"config.model.unet.in_channels={unet.in_channels} must be {expected}: "
+                f"out_channels={unet.out_channels} noisy channels + {LOW_RES_CHANNELS} of the "
+                "low-res image")
+    noise_level = sample.get("noise_level", 20)
+    if not isinstance(noise_level, int) or not 0 <= noise_level <= level:
+        raise ConfigError(f"config.sample.noise_level={noise_level!r} must be an int in [0, "
+                          f"model.low_res.max_noise_level={level}]")
 
 
 def _check_mesh(mesh: ml_collections.ConfigDict) -> None:

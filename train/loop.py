@@ -12,7 +12,9 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from data_pipeline import input_pipeline
+from diffusion.low_res import downsample, low_res_from_config, with_low_res_inputs
 from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
+from models.factory import denoiser_apply_fn
 from models.pretrained import PretrainedError, resolve_pretrained_config
 from train import checkpoint, lock, mfu
 from train.config_check import ConfigError, validate_config
@@ -221,7 +223,7 @@ def _train_loop(config, workdir, *, state, compiled_step, text_params, extra_inp
         dynamic_ncols=True,
     )
     window_start, window_steps = time.time(), 0
-    previous_metrics = None
+    previous_metrics = preview = None
 
     def stop_if_diverged(metrics, done):
         # nonfinite_in_a_row is read one step late, so the host never waits for the step it
@@ -251,7 +253,10 @@ def _train_loop(config, workdir, *, state, compiled_step, text_params, extra_inp
     try:
         with data_iter:
             for step in range(start_step, num_steps):
-                batch = _global_batch(next(data_iter), data_sharding)
+                local = next(data_iter)
+                if preview is None:  # a super-resolution model's grids upscale these
+                    preview = _preview_examples(local, len(config.train.sample_prompts))
+                batch = _global_batch(local, data_sharding)
                 state, metrics = compiled_step(state, text_params, batch, *extra_inputs)
                 done = step + 1
                 window_steps += 1
@@ -292,7 +297,7 @@ def _train_loop(config, workdir, *, state, compiled_step, text_params, extra_inp
                 if train_cfg.sample_every_steps and (
                     done % train_cfg.sample_every_steps == 0 or done == num_steps
                 ):
-                    writer.image(done, "samples/ema", sample_grid(state.ema_params))
+                    writer.image(done, "samples/ema", sample_grid(state.ema_params, preview))
                 saved_now = False
                 if done % train_cfg.checkpoint_every_steps == 0 or done == num_steps:
                     stop_if_diverged(metrics, done)
@@ -322,48 +327,75 @@ def _open_data(config, workdir, tokenizer, batch_per_process: int):
         process_count=jax.process_count())
 
 
+def _preview_examples(local_batch: dict, count: int) -> dict:
+    """The first `count` examples of the first batch (process 0's, the same on every host)."""
+    preview = {key: np.asarray(local_batch[key][:count]) for key in ("images", "input_ids")}
+    if jax.process_count() > 1:
+        preview = multihost_utils.broadcast_one_to_all(preview)
+    return preview
+
+
 def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, encode_text, text_params,
                          *, vae_params=None, decode_latents=None, unet_params=lambda p: p):
-    """EMA samples for config.train.sample_prompts with the config's solver, tiled into a grid
-    (latents decoded by the frozen VAE for a latent model)."""
-    from flax import nnx
+    """grid(ema_params, preview) -> uint8 grid of EMA samples for config.train.sample_prompts
+    with the config's solver (latents decoded by the frozen VAE for a latent model).
 
-    prompts = list(config.train.sample_prompts)
-    if not prompts:
-        return lambda params: np.zeros((1, 1, 3), np.uint8)
+    A super-resolution model upscales the first examples of the first batch (`preview`, their
+    captions as prompts) instead: rows of low-res inputs (nearest-upsampled), upscaled
+    samples and the real images."""
+    low_res = low_res_from_config(config.model)
+    count = len(config.train.sample_prompts)
+    if not count:
+        return lambda params, preview=None: np.zeros((1, 1, 3), np.uint8)
     encode = jax.jit(encode_text)
-    context = encode(text_params, jnp.asarray(tokenizer(prompts)))
-    uncond = encode(text_params, jnp.asarray(tokenizer([""] * len(prompts))))
     sample = config.sample
     solver = make_solver(sample.sampler, schedule, config.diffusion.prediction_type,
                          sample.steps, timestep_spacing=sample.timestep_spacing,
                          karras_sigmas=sample.get("karras_sigmas", False), eta=sample.eta,
                          steps_offset=sample.get("steps_offset", 0))
-
-    def apply(params, x, t, text):
-        unet = nnx.merge(unet_graphdef, params)
-        return unet(x, t, text["hidden"], class_labels=text["pooled"])
-
+    apply = denoiser_apply_fn(unet_graphdef, super_resolution=low_res is not None)
     size, channels = config.model.unet.sample_size, config.model.unet.out_channels
     rescale = sample.get("guidance_rescale", 0.0)
     if decode_latents is None:
-        denoise = jax.jit(make_denoise_fn(apply, solver, (size, size, channels),
-                                          guidance_rescale=rescale))
+        denoise = make_denoise_fn(apply, solver, (size, size, channels), guidance_rescale=rescale)
+        frozen = ()
     else:
         from sample.pipeline import make_latent_image_fn
 
-        images_fn = jax.jit(make_latent_image_fn(apply, solver, (size, size, channels),
-                                                 decode_latents, guidance_rescale=rescale))
-        denoise = lambda params, *args: images_fn(params, vae_params, *args)
-    count = len(prompts)
+        denoise = make_latent_image_fn(apply, solver, (size, size, channels), decode_latents,
+                                       guidance_rescale=rescale)
+        frozen = (vae_params,)
+    if low_res is not None:
+        denoise = with_low_res_inputs(denoise, low_res)
+    denoise = jax.jit(denoise)
     seeds = np.full((count,), config.seed, np.uint32)
     indices = np.arange(count, dtype=np.uint32)
     scales = np.full((count,), sample.cfg_scale, np.float32)
+    empty = jnp.asarray(tokenizer([""] * count))
 
-    def grid(ema_params):
-        # (LoRA: the EMA adapters with the frozen base, one state for the graphdef)
-        images = to_uint8(denoise(unet_params(ema_params), context, uncond, seeds, indices,
-                                  scales))
-        return image_grid(images, columns=count)
+    if low_res is None:
+        context = encode(text_params, jnp.asarray(tokenizer(list(config.train.sample_prompts))))
+        uncond = encode(text_params, empty)
+
+        def grid(ema_params, preview=None):
+            # (LoRA: the EMA adapters with the frozen base, one state for the graphdef)
+            images = to_uint8(denoise(unet_params(ema_params), *frozen, context, uncond, seeds,
+                                      indices, scales))
+            return image_grid(images, columns=count)
+
+        return grid
+
+    noise_level = int(sample.get("noise_level", 20))
+
+    def grid(ema_params, preview):
+        real = np.asarray(preview["images"])
+        shown = len(real)
+        low = downsample(jnp.asarray(real, jnp.float32) / 127.5 - 1.0, low_res.factor)
+        images = to_uint8(denoise(
+            unet_params(ema_params), *frozen, encode(text_params, preview["input_ids"]),
+            encode(text_params, empty[:shown]), seeds[:shown], indices[:shown], scales[:shown],
+            low, np.full((shown,), noise_level, np.int32)))
+        up = np.repeat(np.repeat(to_uint8(low), low_res.factor, 1), low_res.factor, 2)
+        return image_grid(np.concatenate([up, images, real]), columns=shown)
 
     return grid

@@ -26,6 +26,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
+from diffusion.low_res import low_res_from_config
 from diffusion.schedules import schedule_from_config
 from models.factory import (
     abstract_unet,
@@ -267,6 +268,7 @@ def build_run(
         grad_accum_steps=grad_accum_steps,
         encode_images=None if vae is None else latent_encoder_fn(vae),
         noise_offset=float(config.diffusion.get("noise_offset", 0.0)),
+        low_res=low_res_from_config(config.model),
     )
     extra_shardings = () if vae is None else (vae_shardings,)
     if lora_kw:

@@ -7,6 +7,7 @@ import optax
 from flax import nnx
 
 from diffusion.loss import diffusion_loss, offset_noise
+from diffusion.low_res import LowResConditioning, training_low_res
 from diffusion.parameterization import add_noise
 from diffusion.timestep_sampling import sample_timesteps
 from train.state import TrainState, ema_decay_at, ema_update
@@ -43,6 +44,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     encode_images=None,
     noise_offset: float = 0.0,
+    low_res: LowResConditioning | None = None,
 ):
     """Returns train_step(state, text_params, batch) -> (state, metrics), or, for a latent
     model, train_step(state, text_params, batch, vae_params) -> (state, metrics), or, for LoRA
@@ -54,6 +56,10 @@ def make_train_step(
     optimizer. `encode_images(vae_params, images, rng) -> latents` (latent diffusion) is the
     frozen VAE's encoder, its parameters an input in the same way; the UNet then denoises the
     latents. Trainable: the state's (UNet) parameters only.
+
+    `low_res` (a super-resolution model, `diffusion.low_res`): each pixel image, downsampled
+    and noise-augmented at a random level, is resized to the UNet input and concatenated to
+    its noisy input channels; the level is the UNet's `class_labels`.
 
     `noise_offset` > 0 adds a per-example, per-channel shift to the training noise
     (`diffusion.loss.offset_noise`).
@@ -68,11 +74,16 @@ def make_train_step(
     """
     num_train_timesteps = diffusion.num_train_timesteps
 
-    def loss_fn(params, unet_base, noisy, timesteps, hidden, pooled, images, noise):
+    def loss_fn(params, unet_base, noisy, timesteps, hidden, pooled, images, noise, *low):
         # LoRA: `params` are the adapters, `unet_base` the frozen UNet weights (a step input).
         unet = nnx.merge(unet_graphdef, params) if unet_base is None else nnx.merge(
             unet_graphdef, jax.lax.stop_gradient(unet_base), params)
-        prediction = unet(noisy, timesteps, hidden, class_labels=pooled)
+        if low:  # super-resolution: (low-res input channels, noise levels)
+            low_input, noise_level = low
+            prediction = unet(jnp.concatenate([noisy, low_input.astype(noisy.dtype)], axis=-1),
+                              timesteps, hidden, class_labels=noise_level)
+        else:
+            prediction = unet(noisy, timesteps, hidden, class_labels=pooled)
         loss, _ = diffusion_loss(
             diffusion.prediction_type, schedule, prediction, images, noise, timesteps,
             weighting=diffusion.loss_weighting, min_snr_gamma=diffusion.min_snr_gamma,
@@ -85,6 +96,9 @@ def make_train_step(
         rng = jax.random.fold_in(state.rng, state.step)
         rng_drop, rng_t, rng_noise = jax.random.split(rng, 3)
         images = images_to_model_space(batch["images"])
+        # Made from the pixels, before any VAE: the low-res input is an image in both cases.
+        low = () if low_res is None else training_low_res(low_res, images,
+                                                          jax.random.fold_in(rng, 5))
         if encode_images is not None:
             # The frozen VAE's posterior sample is the clean signal x0 the UNet learns to denoise.
             images = encode_images(jax.lax.stop_gradient(vae_params), images,
@@ -106,7 +120,7 @@ def make_train_step(
         if noise_offset:
             noise = offset_noise(jax.random.fold_in(rng, 4), noise, noise_offset)
         noisy = add_noise(schedule, images, noise, timesteps)
-        inputs = (noisy, timesteps, cond["hidden"], cond["pooled"], images, noise)
+        inputs = (noisy, timesteps, cond["hidden"], cond["pooled"], images, noise, *low)
 
         if grad_accum_steps == 1:
             loss, grads = grad_fn(state.params, unet_base, *inputs)
