@@ -12,6 +12,12 @@ A directory as `StableDiffusionPipeline.save_pretrained` writes it (`model_index
   (`load_unet_params`): each device reads only its slice of each safetensors tensor, so a large
   UNet is never whole on one device;
 - the frozen VAE (`load_pipeline_vae`, through `models.vae.load_vae`).
+
+A `StableDiffusionUpscalePipeline` directory (Stable Diffusion's x4 upscaler) also has a
+`low_res_scheduler/` (the noise augmentation of the low-resolution input) and `max_noise_level`
+in model_index.json; its UNet takes the latents plus the 3 low-resolution image channels, and
+the noise level through its class embedding. It resolves to a super-resolution model
+(`model.low_res`, diffusion.low_res) whose low-resolution image has the latents' size.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
+from diffusion.low_res import LOW_RES_CHANNELS, is_super_resolution
 from models.hf_weights import torch_name
 from models.unet import unet_kwargs_from_diffusers_config
 
@@ -55,6 +63,16 @@ _SAMPLING_ONLY_OPTIONS = {
     "use_karras_sigmas": False,
     "timestep_type": None,
 }
+UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
+# diffusers' StableDiffusionUpscalePipeline defaults: max_noise_level when model_index.json has
+# none; the latent scaling it forces onto the VAE whatever the VAE config says (the x4
+# upscaler's VAE config has no scaling_factor, and 0.18215 would be wrong for its latents).
+UPSCALE_MAX_NOISE_LEVEL = 350
+UPSCALE_LATENT_SCALING = 0.08333
+# diffusers' default `noise_level` of the upscale pipeline's __call__ (sample.noise_level).
+UPSCALE_SAMPLE_NOISE_LEVEL = 20
+# Parts of an upscale pipeline that post-process its outputs; we do not apply them.
+_POSTPROCESSING_PARTS = ("safety_checker", "feature_extractor", "watermarker")
 UNET_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors",
                      "diffusion_pytorch_model.safetensors.index.json",
                      "diffusion_pytorch_model.fp16.safetensors")
@@ -83,6 +101,21 @@ class Pipeline:
     vae_config: dict
     text_encoder_config: dict
     scheduler_config: dict
+    # Upscale pipelines only (None otherwise): low_res_scheduler/scheduler_config.json and the
+    # largest noise level of the low-resolution input.
+    low_res_scheduler_config: dict | None = None
+    max_noise_level: int | None = None
+
+    @property
+    def is_upscaler(self) -> bool:
+        return self.low_res_scheduler_config is not None
+
+    @property
+    def ignored_parts(self) -> list[str]:
+        """Non-null post-processing parts (safety checker, watermarker) we do not apply."""
+        return [part for part in _POSTPROCESSING_PARTS
+                if isinstance(self.model_index.get(part), list)
+                and self.model_index[part][0] is not None]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -124,13 +157,39 @@ def read_pipeline(directory: str | Path) -> Pipeline:
     if not (root / "tokenizer").is_dir():
         raise FileNotFoundError(f"{root / 'tokenizer'} not found: the CLIP tokenizer's files")
     scheduler_path = root / "scheduler" / "scheduler_config.json"
+    low_res_scheduler, max_noise_level = (
+        _read_upscale_parts(root, index) if index.get("_class_name") == UPSCALE_PIPELINE
+        else (None, None))
     return Pipeline(
         root=root, model_index=index,
         unet_config=_read_json(root / "unet" / "config.json", "the UNet's architecture"),
         vae_config=_read_json(root / "vae" / "config.json", "the VAE's architecture"),
         text_encoder_config=text_config,
         scheduler_config=_read_json(scheduler_path, "the noise schedule"),
+        low_res_scheduler_config=low_res_scheduler,
+        max_noise_level=max_noise_level,
     )
+
+
+def _read_upscale_parts(root: Path, index: dict) -> tuple[dict, int]:
+    """(low_res_scheduler config, max_noise_level) of an upscale pipeline's directory."""
+    where = root / "model_index.json"
+    entry = index.get("low_res_scheduler")
+    if not entry or entry[0] is None:
+        raise PretrainedError(
+            f"{where}: a {UPSCALE_PIPELINE} needs a 'low_res_scheduler' entry (the noise "
+            "augmentation schedule of its low-resolution input)")
+    if entry[1] != "DDPMScheduler":
+        raise PretrainedError(f"{where}: low_res_scheduler is {entry[0]}.{entry[1]}; supported: "
+                              "diffusers.DDPMScheduler")
+    max_noise_level = index.get("max_noise_level", UPSCALE_MAX_NOISE_LEVEL)
+    if isinstance(max_noise_level, bool) or not isinstance(max_noise_level, int) \
+            or max_noise_level < 0:
+        raise PretrainedError(
+            f"{where}: max_noise_level={max_noise_level!r} must be a non-negative int")
+    config = _read_json(root / "low_res_scheduler" / "scheduler_config.json",
+                        "the low-resolution input's noise schedule")
+    return config, max_noise_level
 
 
 def diffusion_fields_from_scheduler(scheduler: Mapping[str, Any]) -> tuple[dict, dict, list]:
@@ -166,9 +225,33 @@ def diffusion_fields_from_scheduler(scheduler: Mapping[str, Any]) -> tuple[dict,
     return diffusion, sample, notes
 
 
+def low_res_fields(pipeline: Pipeline) -> dict:
+    """config.model.low_res of an upscale pipeline (diffusion.low_res): the low-resolution
+    image has the latents' size (factor = the VAE's), noised on low_res_scheduler's schedule."""
+    where = pipeline.root / "low_res_scheduler" / "scheduler_config.json"
+    try:
+        diffusion, _, _ = diffusion_fields_from_scheduler(pipeline.low_res_scheduler_config)
+    except PretrainedError as error:
+        raise PretrainedError(f"{where}: {error}") from None
+    if diffusion["rescale_zero_terminal_snr"]:
+        # The augmentation's schedule has no such option (diffusion.low_res.low_res_from_config).
+        raise PretrainedError(f"{where}: rescale_betas_zero_snr=True is not supported for the "
+                              "low-resolution noise schedule")
+    return {
+        "factor": pipeline.vae_scale_factor,
+        "max_noise_level": pipeline.max_noise_level,
+        "schedule": diffusion["schedule"],
+        "num_train_timesteps": diffusion["num_train_timesteps"],
+        "beta_start": diffusion["beta_start"],
+        "beta_end": diffusion["beta_end"],
+    }
+
+
 def unet_fields(pipeline: Pipeline, image_size: int, remat: bool) -> dict:
     """config.model.unet from the pipeline's UNet config; `sample_size` set to the latent size of
-    `image_size` images (a UNet is convolutional: it fine-tunes at other sizes than its own)."""
+    `image_size` images (a UNet is convolutional: it fine-tunes at other sizes than its own).
+    An upscale pipeline's UNet also reads the low-resolution image (3 more input channels) and
+    its noise level (a class-embedding row per level 0..max_noise_level)."""
     try:
         kwargs = unet_kwargs_from_diffusers_config(pipeline.unet_config)
     except ValueError as error:
@@ -180,7 +263,24 @@ def unet_fields(pipeline: Pipeline, image_size: int, remat: bool) -> dict:
         raise PretrainedError(
             f"config.data.image_size={image_size} must be a multiple of {multiple} (the VAE "
             f"downsamples {factor}x, the UNet {2 ** (levels - 1)}x more)")
-    if kwargs.get("in_channels") != pipeline.latent_channels:
+    where = pipeline.root / "unet" / "config.json"
+    if pipeline.is_upscaler:
+        expected = pipeline.latent_channels + LOW_RES_CHANNELS
+        if kwargs.get("in_channels") != expected:
+            raise PretrainedError(
+                f"{where}: in_channels={kwargs.get('in_channels')} must be {expected} for a "
+                f"{UPSCALE_PIPELINE}: the VAE's latent_channels={pipeline.latent_channels} + "
+                f"{LOW_RES_CHANNELS} low-resolution image channels")
+        classes = kwargs.get("num_class_embeds")
+        if kwargs.get("class_embed_type") is not None or not classes \
+                or classes <= pipeline.max_noise_level:
+            raise PretrainedError(
+                f"{where}: num_class_embeds={classes!r} (class_embed_type="
+                f"{kwargs.get('class_embed_type')!r}) cannot embed the noise levels 0.."
+                f"{pipeline.max_noise_level} (max_noise_level in model_index.json): an upscale "
+                "pipeline's UNet needs class_embed_type None and num_class_embeds > "
+                "max_noise_level")
+    elif kwargs.get("in_channels") != pipeline.latent_channels:
         raise PretrainedError(
             f"unet in_channels={kwargs.get('in_channels')} differs from the VAE's "
             f"latent_channels={pipeline.latent_channels}")
@@ -213,9 +313,23 @@ def resolve_pretrained_config(
                        config.model.unet.get("remat", False))
     text = {"kind": "clip", "pretrained_path": str(pipeline.root), "max_length": 0,
             "pooling": "eos"}
+    low_res = low_res_fields(pipeline) if pipeline.is_upscaler else None
+    if low_res is None and is_super_resolution(config.model):
+        raise PretrainedError(
+            f"config.model.low_res asks for a super-resolution model, but "
+            f"config.model.pretrained={str(pipeline.root)!r} is a "
+            f"{pipeline.model_index.get('_class_name')}, not a {UPSCALE_PIPELINE}")
+    noise_level = config.sample.get("noise_level", UPSCALE_SAMPLE_NOISE_LEVEL)
+    if low_res is not None and not 0 <= noise_level <= low_res["max_noise_level"]:
+        raise PretrainedError(
+            f"config.sample.noise_level={noise_level} must be in [0, {low_res['max_noise_level']}]"
+            f" (max_noise_level of {pipeline.root / 'model_index.json'})")
     resolved = copy.deepcopy(config)
     with resolved.unlocked():
         resolved.model.unet = ml_collections.ConfigDict(unet)
+        if low_res is not None:
+            resolved.model.low_res = ml_collections.ConfigDict(low_res)
+            resolved.sample.noise_level = noise_level
         for key, value in text.items():
             resolved.model.text_encoder[key] = value
         for key, value in diffusion.items():
@@ -235,6 +349,11 @@ def resolve_pretrained_config(
     lines.append("sample from scheduler/scheduler_config.json: " + ", ".join(
         f"{k}={v!r}" for k, v in sample.items()))
     lines.extend(f"scheduler: {note}" for note in notes)
+    if low_res is not None:
+        lines.append("model.low_res from low_res_scheduler/ and model_index.json: " + ", ".join(
+            f"{k}={v!r}" for k, v in low_res.items()) + f"; sample.noise_level={noise_level}")
+    lines.extend(f"{part} in model_index.json is not applied by our sampler"
+                 for part in pipeline.ignored_parts)
     return resolved, lines
 
 
@@ -337,7 +456,22 @@ def load_unet_params(unet_dir: str | Path, abstract_params, shardings):
 
 
 def load_pipeline_vae(directory: str | Path, *, dtype):
-    """(AutoencoderKL module, info) of the pipeline's `vae/` (models.vae.load_vae)."""
+    """(AutoencoderKL module, info) of the pipeline's `vae/` (models.vae.load_vae).
+
+    An upscale pipeline's latents are scaled by 0.08333 whatever its VAE config says, as
+    diffusers' StableDiffusionUpscalePipeline does (a warning when the config disagrees)."""
     from models.vae import load_vae
 
-    return load_vae(Path(directory).expanduser() / "vae", dtype=dtype)
+    root = Path(directory).expanduser()
+    vae, info = load_vae(root / "vae", dtype=dtype)
+    index_path = root / "model_index.json"
+    index = _read_json(index_path, "the pipeline's parts") if index_path.is_file() else {}
+    if index.get("_class_name") == UPSCALE_PIPELINE:
+        stated = _read_json(root / "vae" / "config.json", "the VAE's architecture").get(
+            "scaling_factor")
+        if stated != UPSCALE_LATENT_SCALING:
+            logging.warning(
+                "%s: scaling_factor=%r; using %s, the latent scaling of %s (as diffusers does)",
+                root / "vae" / "config.json", stated, UPSCALE_LATENT_SCALING, UPSCALE_PIPELINE)
+        info = {**info, "scaling_factor": UPSCALE_LATENT_SCALING}
+    return vae, info
