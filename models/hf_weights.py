@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-_TORCH_LEAF_NAME = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_TORCH_LEAF_NAME = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
+                    # a bare nn.Parameter keeps its attribute name (diffusers' AttentionPooling)
+                    "positional_embedding": "positional_embedding"}
 
 
 def _torch_name(path: tuple) -> str:

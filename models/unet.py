@@ -15,13 +15,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.logical_axes import conv_kw, embed_kw, linear_kw, norm_kw
+from models.logical_axes import EMBED, conv_kw, embed_kw, linear_kw, norm_kw
 
 _DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 _UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
 # None: no class embedding, or, with `num_class_embeds`, a lookup table of integer labels.
 CLASS_EMBED_TYPES = (None, "projection")
+# diffusers' `addition_embed_type` values this module implements: None, or "text" (a pooled
+# view of the text states added to the timestep embedding, `TextTimeEmbedding`).
+ADDITION_EMBED_TYPES = (None, "text")
 
 
 def _conv(in_features, out_features, kernel_size, *, stride=1, dtype, param_dtype, rngs):
@@ -103,6 +106,63 @@ class TimestepEmbedding(nnx.Module):
 
     def __call__(self, x):
         return self.linear_2(nnx.silu(self.linear_1(x)))
+
+
+class AttentionPooling(nnx.Module):
+    """diffusers' `AttentionPooling` (DeepFloyd IF): one vector per sequence, [B, L, D] -> [B, D].
+
+    The query is the mean token plus a learned positional embedding; it attends over itself and
+    every token (no mask: diffusers pools padding tokens too). No output projection.
+    """
+
+    def __init__(self, num_heads, embed_dim, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if embed_dim % num_heads:
+            # diffusers would fail inside a reshape at the first forward pass instead.
+            raise ValueError(
+                f"addition_embed_type_num_heads={num_heads} does not divide the text width "
+                f"{embed_dim} (cross_attention_dim) that the text pooling attends over"
+            )
+        self.num_heads, self.dtype = num_heads, dtype
+        # A [1, D] parameter, not an Embed, because diffusers stores it as a bare tensor
+        # `pool.positional_embedding` (no `.weight`); initialised as diffusers does.
+        self.positional_embedding = nnx.Param(
+            jax.random.normal(rngs.params(), (1, embed_dim), param_dtype) / embed_dim**0.5,
+            sharding_names=(None, EMBED), eager_sharding=False,
+        )
+        self.k_proj = _linear(embed_dim, embed_dim, **kw)
+        self.q_proj = _linear(embed_dim, embed_dim, **kw)
+        self.v_proj = _linear(embed_dim, embed_dim, **kw)
+
+    def __call__(self, x):
+        batch, _, width = x.shape
+        class_token = (jnp.mean(x, axis=1, keepdims=True)
+                       + self.positional_embedding[...].astype(x.dtype))
+        tokens = jnp.concatenate([class_token, x], axis=1)
+        split = lambda t: t.reshape(batch, t.shape[1], self.num_heads, width // self.num_heads)
+        # diffusers scales q and k by head_dim**-0.25 each; one head_dim**-0.5 on q is the same
+        # product, and the shared attention keeps its float32 softmax.
+        pooled = dot_product_attention(
+            split(self.q_proj(class_token)), split(self.k_proj(tokens)),
+            split(self.v_proj(tokens)))
+        return pooled.reshape(batch, width)
+
+
+class TextTimeEmbedding(nnx.Module):
+    """diffusers' `TextTimeEmbedding`: LayerNorm -> attention pooling -> Linear -> LayerNorm,
+    text states [B, L, encoder_dim] -> [B, time_embed_dim], added to the timestep embedding."""
+
+    def __init__(self, encoder_dim, time_embed_dim, *, num_heads, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # torch.nn.LayerNorm's default epsilon (Flax's is 1e-6).
+        layer_norm = lambda dim: nnx.LayerNorm(dim, epsilon=1e-5, **kw, **norm_kw())
+        self.norm1 = layer_norm(encoder_dim)
+        self.pool = AttentionPooling(num_heads, encoder_dim, **kw)
+        self.proj = _linear(encoder_dim, time_embed_dim, **kw)
+        self.norm2 = layer_norm(time_embed_dim)
+
+    def __call__(self, hidden_states):
+        return self.norm2(self.proj(self.pool(self.norm1(hidden_states))))
 
 
 class ResnetBlock2D(nnx.Module):
@@ -453,6 +513,8 @@ class UNet2DConditionModel(nnx.Module):
         class_embed_type: str | None = None,
         num_class_embeds: int | None = None,
         projection_class_embeddings_input_dim: int | None = None,
+        addition_embed_type: str | None = None,
+        addition_embed_type_num_heads: int | None = 64,
         resnet_time_scale_shift: str = "default",
         coordinate_channels: bool = False,
         patch_size: int = 1,
@@ -584,6 +646,27 @@ class UNet2DConditionModel(nnx.Module):
                 f"class_embed_type: {class_embed_type!r} is not one of {CLASS_EMBED_TYPES}"
             )
 
+        # diffusers' addition embedding "text" (DeepFloyd IF's super-resolution stages): a pooled
+        # view of the text states next to the class embedding, which an upscaler spends on its
+        # noise level. diffusers reads `encoder_hid_dim` first; that option is refused, so the
+        # pooling reads the cross-attention width.
+        if addition_embed_type == "text":
+            if isinstance(addition_embed_type_num_heads, bool) or not isinstance(
+                    addition_embed_type_num_heads, int) or addition_embed_type_num_heads < 1:
+                raise ValueError(
+                    "addition_embed_type_num_heads: a positive int expected, got "
+                    f"{addition_embed_type_num_heads!r}")
+            self.add_embedding = TextTimeEmbedding(
+                cross_attention_dim, time_embed_dim, num_heads=addition_embed_type_num_heads,
+                **kw)
+        elif addition_embed_type is None:
+            self.add_embedding = None
+        else:
+            raise ValueError(
+                f"addition_embed_type: {addition_embed_type!r} is not one of "
+                f"{ADDITION_EMBED_TYPES}"
+            )
+
         down_blocks = []
         output_channel = block_out_channels[0]
         for level, kind in enumerate(down_block_types):
@@ -646,6 +729,8 @@ class UNet2DConditionModel(nnx.Module):
             if class_labels is None:
                 raise ValueError("this UNet has a class embedding: pass class_labels")
             temb = temb + self._class_embed(class_labels, batch)
+        if self.add_embedding is not None:
+            temb = temb + self.add_embedding(context)
 
         if patch > 1:
             sample = space_to_depth(sample, patch)
@@ -726,7 +811,6 @@ _INERT_DIFFUSERS_OPTIONS = {
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
-    "addition_embed_type": None,
     "addition_time_embed_dim": None,
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
@@ -741,8 +825,11 @@ _INERT_DIFFUSERS_OPTIONS = {
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": (None, False),
     "cross_attention_norm": None,
-    "addition_embed_type_num_heads": "any",
 }
+
+# Constructor options whose other diffusers values this module does not implement: refused
+# here, by name, with the rest of a checkpoint's unsupported options.
+_IMPLEMENTED_VALUES = {"addition_embed_type": ADDITION_EMBED_TYPES}
 
 _OWN_KWARGS = ("coordinate_channels", "patch_size", "dtype", "param_dtype", "remat", "rngs")
 
@@ -762,11 +849,12 @@ def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, An
         if key.startswith("_"):
             continue
         if key in accepted:
+            if value not in _IMPLEMENTED_VALUES.get(key, (value,)):
+                unsupported.append(f"{key}={value!r}")
+                continue
             kwargs[key] = tuple(value) if isinstance(value, list) else value
             continue
         inert = _INERT_DIFFUSERS_OPTIONS.get(key, "unknown")
-        if inert == "any":
-            continue
         if inert == "unknown" or value not in (inert if isinstance(inert, tuple) else (inert,)):
             unsupported.append(f"{key}={value!r}")
     if unsupported:
