@@ -213,3 +213,23 @@ def test_one_denoising_step_matches_diffusers(pipeline, resolved):
     # give outputs far outside the tolerance.
     assert np.abs(ours(levels[::-1]) - reference).max() > 100 * 5e-5
 
+
+
+def test_upscale_config_resolves_on_an_upscaler_directory(pipeline):
+    from configs import upscale_sd
+    from train.config_check import validate_config
+
+    config = upscale_sd.get_config()
+    with pytest.raises(PretrainedError, match="config.model.pretrained is not set"):
+        resolve_pretrained_config(config)
+    config.model.pretrained = str(pipeline)
+    config.data.image_size = IMAGE_SIZE
+    config.data.paths = "/data/shards-{0..9}.array_record"
+    config.sample.noise_level = 30
+    config, _ = resolve_pretrained_config(config)
+    validate_config(config)
+    assert config.model.low_res.factor == 4 and config.sample.noise_level == 30
+    assert config.model.unet.remat is True and config.model.dtype == "bfloat16"
+    # The 512px default: 128x128 latents and low-resolution images.
+    config.data.image_size = 512
+    assert resolve_pretrained_config(config)[0].model.unet.sample_size == 128
