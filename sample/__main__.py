@@ -4,6 +4,11 @@
     python -m sample --workdir DIR --prompts_file prompts.jsonl --out OUTDIR \
         --sampler dpmpp_2m --steps 20 --karras_sigmas
 
+Super-resolution (a workdir trained with model.low_res, e.g. configs/demo_upscale.py):
+    python -m sample --workdir UPSCALER --low_res IMAGE_OR_DIR --prompt "..." --out OUTDIR
+    python -m sample --workdir BASE --upscaler_workdir UPSCALER --prompt "..." --out OUTDIR
+(the second runs the cascade: base samples in OUTDIR/base, each upscaled into OUTDIR).
+
 Several hosts: the same command on each, plus --coordinator_address HOST:PORT
 --num_processes N --process_id I; every host writes its own share into the shared --out.
 """
@@ -46,6 +51,17 @@ _LORA_SCALE = flags.DEFINE_float("lora_scale", 1.0, "Multiplies each --lora file
 _LORA_MERGE = flags.DEFINE_boolean(
     "lora_merge", True, "Fold LoRA adapters (--lora files, a LoRA run's own) into the weights "
     "(faster); --nolora_merge keeps them as adapter layers.")
+_LOW_RES = flags.DEFINE_string(
+    "low_res", None, "Super-resolution models: an image, or a directory of images, to upscale "
+    "with every prompt (the size the model takes, e.g. 8x8 for configs/demo_upscale.py).")
+_NOISE_LEVEL = flags.DEFINE_integer(
+    "noise_level", None, "Noise level of the low-res input, 0..model.low_res.max_noise_level "
+    "(default: the config's sample.noise_level).")
+_UPSCALER = flags.DEFINE_string(
+    "upscaler_workdir", None, "Cascade: upscale each of --workdir's samples with this "
+    "super-resolution workdir (base images go to OUT/base).")
+_UPSCALER_STEP = flags.DEFINE_integer("upscaler_step", None,
+                                      "Upscaler checkpoint step (default: the latest).")
 flags.mark_flags_as_required(["workdir", "out"])
 _CPU_DEVICES = define_cpu_devices_flag()
 _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
@@ -56,7 +72,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     apply_cpu_devices_flag(_CPU_DEVICES.value)
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from sample.pipeline import load_model, options_from_config, sample_to_dir, with_lora_files
+    from sample.pipeline import (
+        load_model,
+        low_res_images,
+        options_from_config,
+        sample_cascade,
+        sample_to_dir,
+        with_lora_files,
+    )
     from sample.prompts import PromptDefaults, check_settings, scan_prompts
     from train.log_setup import setup_logging
 
@@ -76,16 +99,45 @@ def main(argv):
     for path in _LORA.value:  # fail in a second, not after reading the checkpoint
         if not os.path.exists(path):
             raise FileNotFoundError(f"--lora {path}: no such file or directory")
+    if _LOW_RES.value is not None and _UPSCALER.value is not None:
+        raise ValueError("--low_res and --upscaler_workdir exclude each other: --low_res "
+                         "upscales given images, --upscaler_workdir the base model's samples")
+    if _LOW_RES.value is not None and not os.path.exists(_LOW_RES.value):
+        raise FileNotFoundError(f"--low_res {_LOW_RES.value}: no such file or directory")
+    if _NOISE_LEVEL.value is not None and _LOW_RES.value is None and _UPSCALER.value is None:
+        raise ValueError("--noise_level applies to super-resolution sampling only (with "
+                         "--low_res or --upscaler_workdir)")
     model = with_lora_files(
         load_model(_WORKDIR.value, _STEP.value, merge_lora=_LORA_MERGE.value), _LORA.value,
         scale=_LORA_SCALE.value, merge=_LORA_MERGE.value)
-    options = options_from_config(
-        model.config, sampler=_SAMPLER.value, steps=_STEPS.value, cfg_scale=_CFG.value,
-        eta=_ETA.value, seed=_SEED.value, num_images_per_prompt=_NUM.value,
-        negative_prompt=_NEGATIVE.value, karras_sigmas=_KARRAS.value,
-        guidance_rescale=_RESCALE.value, timestep_spacing=_SPACING.value)
-    summary = sample_to_dir(model, _PROMPT.value, _PROMPTS_FILE.value, options, _OUT.value,
-                            batch_size=_BATCH.value, grid=_GRID.value)
+    def options_for(loaded):
+        options = options_from_config(
+            loaded.config, sampler=_SAMPLER.value, steps=_STEPS.value, cfg_scale=_CFG.value,
+            eta=_ETA.value, seed=_SEED.value, num_images_per_prompt=_NUM.value,
+            negative_prompt=_NEGATIVE.value, karras_sigmas=_KARRAS.value,
+            guidance_rescale=_RESCALE.value, timestep_spacing=_SPACING.value,
+            noise_level=_NOISE_LEVEL.value)
+        if loaded.low_res is not None and not (
+                0 <= options.noise_level <= loaded.low_res.max_noise_level):
+            raise ValueError(f"--noise_level={options.noise_level} must be in [0, "
+                             f"{loaded.low_res.max_noise_level}] (model.low_res.max_noise_level)")
+        return options
+
+    options = options_for(model)
+    if _UPSCALER.value is not None:
+        upscaler = load_model(_UPSCALER.value, _UPSCALER_STEP.value)
+        summary = sample_cascade(model, upscaler, _PROMPT.value, _PROMPTS_FILE.value, options,
+                                 options_for(upscaler), _OUT.value, batch_size=_BATCH.value,
+                                 grid=_GRID.value)
+    elif _LOW_RES.value is not None:
+        images = low_res_images(model, _LOW_RES.value)
+        summary = sample_to_dir(model, _PROMPT.value, _PROMPTS_FILE.value, options, _OUT.value,
+                                batch_size=_BATCH.value, grid=_GRID.value,
+                                low_res_for=lambda spec, image_index: images,
+                                low_res_per_image=len(images))
+    else:
+        summary = sample_to_dir(model, _PROMPT.value, _PROMPTS_FILE.value, options, _OUT.value,
+                                batch_size=_BATCH.value, grid=_GRID.value)
     print(f"sampled {summary['sampled']} of {summary['images']} images "
           f"({summary['skipped']} already in {_OUT.value}) from checkpoint step {model.step}; "
           f"manifest: {summary['manifest']}")

@@ -18,7 +18,7 @@ import glob
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from diffusion.low_res import LowResConditioning, low_res_from_config, with_low_res_inputs
 from diffusion.sampling import (
     image_grid,
     make_denoise_fn,
@@ -41,6 +42,7 @@ from diffusion.schedules import schedule_from_config
 from models.factory import (
     build_frozen_text_encoder,
     build_frozen_vae,
+    denoiser_apply_fn,
     latent_decoder_fn,
     text_conditioning_fn,
 )
@@ -96,6 +98,18 @@ class LoadedModel:
     # Latent models (`model.pretrained`): the frozen VAE's parameters and decoder.
     vae_params: object = None
     decode_latents: object = None
+    # Super-resolution models (`model.low_res`): their low-res conditioning. None otherwise.
+    low_res: LowResConditioning | None = None
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the model makes (pixels, after any VAE decode)."""
+        return int(self.config.data.image_size)
+
+    @property
+    def low_res_size(self) -> int | None:
+        """Side of the low-resolution images a super-resolution model takes; None otherwise."""
+        return None if self.low_res is None else self.low_res.low_res_size(self.image_size)
 
 
 def with_lora_files(model: LoadedModel, paths: Sequence[str], *, scale: float = 1.0,
@@ -160,7 +174,8 @@ def load_model(workdir: str, step: int | None = None, *, devices=None,
     return LoadedModel(config, step, unet_graphdef, params, tokenizer, text_graphdef,
                        text_params, mesh,
                        vae_params=None if vae is None else jax.device_put(vae.params, rep),
-                       decode_latents=None if vae is None else latent_decoder_fn(vae))
+                       decode_latents=None if vae is None else latent_decoder_fn(vae),
+                       low_res=low_res_from_config(config.model))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +191,8 @@ class SampleOptions:
     guidance_rescale: float = 0.0
     timestep_spacing: str = "trailing"
     steps_offset: int = 0
+    # Super-resolution models: the noise level of the low-res input (config.sample.noise_level).
+    noise_level: int = 20
 
     def defaults(self) -> PromptDefaults:
         return PromptDefaults(seed=self.seed, cfg_scale=self.cfg_scale,
@@ -188,7 +205,8 @@ def options_from_config(config, **overrides) -> SampleOptions:
     values = dict(sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, eta=s.eta,
                   seed=config.seed, karras_sigmas=bool(s.get("karras_sigmas", False)),
                   guidance_rescale=float(s.get("guidance_rescale", 0.0)),
-                  timestep_spacing=s.timestep_spacing, steps_offset=int(s.get("steps_offset", 0)))
+                  timestep_spacing=s.timestep_spacing, steps_offset=int(s.get("steps_offset", 0)),
+                  noise_level=int(s.get("noise_level", 20)))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SampleOptions(**values)
 
@@ -204,10 +222,16 @@ def read_prompts(prompts: Sequence[str] = (), prompts_file: str | None = None) -
 class ImageJob:
     spec: PromptSpec
     image_index: int
+    # Super-resolution: the low-res input (uint8 [h, w, 3]) and the name it goes by in the
+    # output file name ("" keeps the plain name) and the manifest.
+    low_res: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    low_res_name: str = ""
+    low_res_source: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.spec.index:06d}_{self.image_index:03d}.png"
+        suffix = f"_{self.low_res_name}" if self.low_res_name else ""
+        return f"{self.spec.index:06d}_{self.image_index:03d}{suffix}.png"
 
 
 class Sampler:
@@ -239,10 +263,8 @@ class Sampler:
                                  karras_sigmas=options.karras_sigmas, eta=options.eta,
                                  steps_offset=options.steps_offset)
 
-            def apply(params, x, t, text):
-                return nnx.merge(graphdef, params)(x, t, text["hidden"],
-                                                   class_labels=text["pooled"])
-
+            low_res = self.model.low_res
+            apply = denoiser_apply_fn(graphdef, super_resolution=low_res is not None)
             batched = P("data")
             if self.model.decode_latents is None:
                 denoise = make_denoise_fn(apply, solver, self.image_shape,
@@ -253,11 +275,15 @@ class Sampler:
                                                self.model.decode_latents,
                                                guidance_rescale=options.guidance_rescale)
                 params_specs = (P(), P())
+            extra_specs = ()
+            if low_res is not None:  # + the low-res images and their noise levels
+                denoise = with_low_res_inputs(denoise, low_res)
+                extra_specs = (batched, batched)
             # shard_map: every device runs the one-device program on its own rows, so an
             # image does not depend on the device count.
             mapped = jax.shard_map(denoise, mesh=self.model.mesh,
                                    in_specs=(*params_specs, batched, batched, batched, batched,
-                                             batched),
+                                             batched, *extra_specs),
                                    out_specs=batched, check_vma=False)
             self._programs[steps] = jax.jit(mapped)
         return self._programs[steps]
@@ -282,9 +308,18 @@ class Sampler:
         cond = self._encode(text_params, self._global(ids))
         uncond = self._encode(text_params, self._global(neg))
         frozen = () if self.model.vae_params is None else (self.model.vae_params,)
+        extra = ()
+        if self.model.low_res is not None:
+            missing = [j.name for j in padded if j.low_res is None]
+            if missing:
+                raise ValueError(f"{missing[0]}: a super-resolution model needs a low-res image "
+                                 "for every image it makes")
+            low = np.stack([j.low_res for j in padded]).astype(np.float32) / 127.5 - 1.0
+            levels = np.full((len(padded),), self.options.noise_level, np.int32)
+            extra = (self._global(low), self._global(levels))
         images = self.program(steps)(self.model.params, *frozen, cond, uncond,
                                      self._global(seeds), self._global(indices),
-                                     self._global(scales))
+                                     self._global(scales), *extra)
         rows = {}
         for shard in images.addressable_shards:
             start = shard.index[0].start or 0
@@ -302,7 +337,9 @@ def _record(job: ImageJob, options: SampleOptions, checkpoint_step: int) -> dict
             "image_index": job.image_index, "steps": spec.steps, "cfg_scale": spec.cfg_scale,
             "sampler": options.sampler, "eta": options.eta,
             "karras_sigmas": options.karras_sigmas,
-            "guidance_rescale": options.guidance_rescale, "checkpoint_step": checkpoint_step}
+            "guidance_rescale": options.guidance_rescale, "checkpoint_step": checkpoint_step,
+            **({"low_res": job.low_res_source or job.low_res_name,
+                "noise_level": options.noise_level} if job.low_res is not None else {})}
 
 
 def _save_png(path: str, image: np.ndarray, record: dict) -> None:
@@ -338,12 +375,24 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _jobs(specs: Iterable[PromptSpec], done: set[str]) -> Iterator[ImageJob]:
+# low_res_for(spec, image_index) -> [(name, source, uint8 [h, w, 3])]: the low-res inputs of
+# one (prompt, image index), one output image each; None for a text-to-image model.
+LowResFor = Callable[[PromptSpec, int], Sequence[tuple[str, str, np.ndarray]]]
+
+
+def _jobs(specs: Iterable[PromptSpec], done: set[str],
+          low_res_for: LowResFor | None = None) -> Iterator[ImageJob]:
     for spec in specs:
         for image_index in range(spec.num_images):
-            job = ImageJob(spec, image_index)
-            if job.name not in done:
-                yield job
+            if low_res_for is None:
+                inputs = [(None, "", "")]
+            else:
+                inputs = [(array, name, source)
+                          for name, source, array in low_res_for(spec, image_index)]
+            for array, name, source in inputs:
+                job = ImageJob(spec, image_index, array, name, source)
+                if job.name not in done:
+                    yield job
 
 
 def _batches(jobs: Iterable[ImageJob], size: int) -> Iterator[list[ImageJob]]:
@@ -360,16 +409,23 @@ def _batches(jobs: Iterable[ImageJob], size: int) -> Iterator[list[ImageJob]]:
 
 def sample_to_dir(model: LoadedModel, prompts: Sequence[str], prompts_file: str | None,
                   options: SampleOptions, out_dir: str, *, batch_size: int | None = None,
-                  grid: bool = True, grid_max_images: int = 64, progress: bool = True) -> dict:
+                  grid: bool = True, grid_max_images: int = 64, progress: bool = True,
+                  low_res_for: LowResFor | None = None, low_res_per_image: int = 1) -> dict:
     """Samples every (prompt, image) not already in `out_dir`, writing as batches finish.
+
+    A super-resolution model needs `low_res_for` (see LowResFor; `low_res_per_image` outputs
+    per (prompt, image index), for the count): `low_res_images` for given files, or
+    `sample_cascade` for a base model's outputs.
 
     batch_size is per device (default config.sample.batch_size). Each host writes the images
     of its own devices and appends to its manifest part; at the end process 0 merges the
     parts into manifest.jsonl (one entry per image, in prompt order). A rerun skips images
     already listed with their PNG present, so a killed run resumes.
     """
+    _check_low_res_use(model, low_res_for is not None)
     defaults = options.defaults()
-    totals = scan_prompts(prompts, prompts_file, defaults)
+    totals = dict(scan_prompts(prompts, prompts_file, defaults))
+    totals["images"] *= low_res_per_image
     per_device = batch_size or model.config.sample.batch_size
     if per_device < 1:
         raise ValueError(f"--batch_size must be >= 1, got {per_device}")
@@ -387,7 +443,7 @@ def sample_to_dir(model: LoadedModel, prompts: Sequence[str], prompts_file: str 
     started = time.time()
     with open(part_path, "a", encoding="utf-8") as part:
         specs = iter_prompt_specs(prompts, prompts_file, defaults)
-        for jobs in _batches(_jobs(specs, done), sampler.global_batch):
+        for jobs in _batches(_jobs(specs, done, low_res_for), sampler.global_batch):
             rows = sampler.run(jobs)
             for position, image in sorted(rows.items()):
                 job = jobs[position]
@@ -436,13 +492,28 @@ def _cached_sampler(model: LoadedModel, options: SampleOptions, per_device_batch
 
 
 def generate(model: LoadedModel, prompts: Sequence[str], options: SampleOptions,
-             *, batch_size: int | None = None, progress: bool = True):
+             *, batch_size: int | None = None, progress: bool = True,
+             low_res: np.ndarray | None = None):
     """In memory, for small runs (tests, the demo's evaluation): uint8 images [N,H,W,3] and one
     record per image, in prompt order, `options.num_images_per_prompt` per prompt.
 
-    batch_size is the global batch (rounded up to a multiple of the device count)."""
+    batch_size is the global batch (rounded up to a multiple of the device count). A
+    super-resolution model takes `low_res`: uint8 [len(prompts), h, w, 3], prompt i upscaling
+    low_res[i] (or one [h, w, 3] image for every prompt)."""
     if not prompts:
         raise EmptyPromptListError("no prompts to sample")
+    _check_low_res_use(model, low_res is not None)
+    low_res_for = None
+    if low_res is not None:
+        low_res = np.asarray(low_res)
+        if low_res.ndim == 3:
+            low_res = np.broadcast_to(low_res, (len(prompts), *low_res.shape))
+        if len(low_res) != len(prompts):
+            raise ValueError(f"low_res holds {len(low_res)} images for {len(prompts)} prompts")
+        for index, image in enumerate(low_res):
+            check_low_res_image(model, image, f"low_res[{index}]")
+        low_res_for = lambda spec, image_index: [("", f"low_res[{spec.index}]",
+                                                  low_res[spec.index])]
     too_long = model.tokenizer.truncated(list(dict.fromkeys(prompts)))
     if too_long:
         logging.warning(
@@ -453,7 +524,7 @@ def generate(model: LoadedModel, prompts: Sequence[str], options: SampleOptions,
     sampler = _cached_sampler(model, options, max(1, -(-global_batch // devices)))
     defaults = options.defaults()
     specs = list(iter_prompt_specs(prompts, None, defaults))
-    jobs = list(_jobs(specs, set()))
+    jobs = list(_jobs(specs, set(), low_res_for))
     images, records = [], []
     for batch in tqdm(list(_batches(jobs, sampler.global_batch)), desc="sample", unit="batch",
                       disable=not progress):
@@ -478,3 +549,107 @@ def write_outputs(out_dir: str, images: np.ndarray, records: list[dict],
     grid_path = os.path.join(out_dir, "grid.png")
     Image.fromarray(image_grid(images, columns)).save(grid_path)
     return {"manifest": manifest_path, "grid": grid_path, "count": len(records)}
+
+
+# Low-resolution inputs of a super-resolution model ----------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _check_low_res_use(model: LoadedModel, given: bool) -> None:
+    if model.low_res is not None and not given:
+        raise ValueError(
+            f"checkpoint step {model.step} is a super-resolution model (config.model.low_res, "
+            f"{model.low_res_size}x{model.low_res_size} -> {model.image_size}x"
+            f"{model.image_size}): give it low-res images (--low_res IMAGE_OR_DIR), or run it "
+            "as a base model's --upscaler_workdir")
+    if model.low_res is None and given:
+        raise ValueError(
+            "low-res images were given, but this checkpoint is not a super-resolution model "
+            "(its config has no model.low_res); --low_res needs an upscaler's workdir")
+
+
+def check_low_res_image(model: LoadedModel, image: np.ndarray, what: str) -> None:
+    """Raises ValueError naming `what` unless `image` is the uint8 RGB size the model takes."""
+    size = model.low_res_size
+    if image.ndim != 3 or image.shape[-1] != 3:
+        channels = 1 if image.ndim == 2 else image.shape[-1]
+        raise ValueError(f"{what}: {channels} channel(s); the upscaler takes RGB images "
+                         f"({size}x{size}x3)")
+    if image.shape[:2] != (size, size):
+        raise ValueError(
+            f"{what}: {image.shape[1]}x{image.shape[0]} pixels; this upscaler takes {size}x{size} "
+            f"images (x{model.low_res.factor} -> {model.image_size}x{model.image_size})")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{what}: dtype {image.dtype}; uint8 images expected")
+
+
+def _read_rgb(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode, array = image.mode, np.asarray(image)
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"{path}: not a readable image ({error})") from None
+    if mode != "RGB":
+        channels = len(Image.getmodebands(mode)) if mode in Image.MODES else "?"
+        raise ValueError(f"{path}: image mode {mode!r} ({channels} channel(s)); the upscaler "
+                         "takes RGB images")
+    return array
+
+
+def low_res_images(model: LoadedModel, path: str) -> list[tuple[str, str, np.ndarray]]:
+    """[(name, path, uint8 [h, w, 3])] of an image file or of every image in a directory
+    (sorted by name), each checked against the size the model takes. Raises ValueError naming
+    the problem: a missing path, an empty directory, an unreadable, non-RGB or wrong-size
+    image."""
+    _check_low_res_use(model, True)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise ValueError(f"--low_res {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in "
+                             "this directory")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"--low_res {path}: no such file or directory")
+    images = []
+    for file in files:
+        array = _read_rgb(file)
+        check_low_res_image(model, array, file)
+        images.append((os.path.splitext(os.path.basename(file))[0], file, array))
+    return images
+
+
+def sample_cascade(base: LoadedModel, upscaler: LoadedModel, prompts: Sequence[str],
+                   prompts_file: str | None, base_options: SampleOptions,
+                   upscale_options: SampleOptions, out_dir: str, *,
+                   batch_size: int | None = None, grid: bool = True,
+                   progress: bool = True) -> dict:
+    """Base text-to-image samples into `out_dir`/base, then each upscaled by `upscaler` with
+    its own prompt into `out_dir` (same file names). Both stages are `sample_to_dir` runs:
+    sharded over all devices of all hosts, resumable, with manifests."""
+    if base.low_res is not None:
+        raise ValueError("the base workdir holds a super-resolution model; the cascade starts "
+                         "from a text-to-image model")
+    _check_low_res_use(upscaler, True)
+    if base.image_size != upscaler.low_res_size:
+        raise ValueError(
+            f"the base model makes {base.image_size}x{base.image_size} images; the upscaler "
+            f"takes {upscaler.low_res_size}x{upscaler.low_res_size} (x{upscaler.low_res.factor}"
+            f" -> {upscaler.image_size}x{upscaler.image_size})")
+    base_dir = os.path.join(out_dir, "base")
+    base_summary = sample_to_dir(base, prompts, prompts_file, base_options, base_dir,
+                                 batch_size=batch_size, grid=grid, progress=progress)
+
+    def from_base(spec: PromptSpec, image_index: int):
+        name = ImageJob(spec, image_index).name
+        path = os.path.join(base_dir, name)
+        return [("", os.path.join("base", name), _read_rgb(path))]
+
+    summary = sample_to_dir(upscaler, prompts, prompts_file, upscale_options, out_dir,
+                            batch_size=batch_size, grid=grid, progress=progress,
+                            low_res_for=from_base)
+    summary["base"] = base_summary
+    return summary
