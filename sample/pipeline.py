@@ -592,7 +592,10 @@ def _read_rgb(path: str) -> np.ndarray:
     except (OSError, SyntaxError) as error:
         raise ValueError(f"{path}: not a readable image ({error})") from None
     if mode != "RGB":
-        channels = len(Image.getmodebands(mode)) if mode in Image.MODES else "?"
+        try:
+            channels = Image.getmodebands(mode)
+        except ValueError:
+            channels = "?"
         raise ValueError(f"{path}: image mode {mode!r} ({channels} channel(s)); the upscaler "
                          "takes RGB images")
     return array
