@@ -233,3 +233,87 @@ def test_upscale_config_resolves_on_an_upscaler_directory(pipeline):
     # The 512px default: 128x128 latents and low-resolution images.
     config.data.image_size = 512
     assert resolve_pretrained_config(config)[0].model.unet.sample_size == 128
+
+
+def _checkpoint_of_pretrained(config, workdir):
+    """A training workdir whose EMA UNet is the pipeline's own (step 1, no training)."""
+    import orbax.checkpoint as ocp
+
+    from train import checkpoint
+
+    _, abstract = abstract_unet(config.model)
+    mesh = make_mesh((("data", -1),))
+    params = load_unet_params(f"{config.model.pretrained}/unet", abstract,
+                              tree_shardings(mesh, abstract))
+    checkpoint.save_config(workdir, config)
+    meta = {"step": 1, "config": json.loads(config.to_json_best_effort(sort_keys=True)),
+            "data": {}}
+    with checkpoint.make_manager(workdir, async_save=False) as manager:
+        manager.save(1, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"step": np.int32(1)}),
+            ema_params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+
+
+def test_sampler_gives_the_diffusers_upscale_pipeline_images(pipeline, tmp_path, monkeypatch):
+    """Our sampler (restore, CLIP, the low-res image noised per image, DDIM v-prediction over
+    latents with CFG on 8 devices, VAE decode with the upscaler's 0.08333 scaling) against
+    diffusers' StableDiffusionUpscalePipeline from the same directory: the same initial latents,
+    the same low-res noise (the pipeline's draw replaced by ours) and noise level."""
+    import jax
+    from diffusers import DDIMScheduler, StableDiffusionUpscalePipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale
+
+    from configs import upscale_sd
+    from diffusion.low_res import sampling_noise
+    from diffusion.sampling import image_keys
+    from sample.pipeline import generate, load_model, options_from_config
+
+    config = upscale_sd.get_config()  # remat on, bf16, as users train: sampling in float32
+    config.model.pretrained = str(pipeline)
+    config.data.image_size = IMAGE_SIZE
+    config.model.dtype = "float32"
+    config.sample.noise_level = 60
+    config, _ = resolve_pretrained_config(config)
+    _checkpoint_of_pretrained(config, tmp_path / "run")
+
+    model = load_model(str(tmp_path / "run"))
+    prompts, steps, scale = ["a red cat", "blue"], 3, 5.0
+    options = options_from_config(model.config, steps=steps, cfg_scale=scale, seed=7)
+    rng = np.random.default_rng(1)
+    # Smooth low-res images (a colour gradient each): the VAE decode of the upscaled latents
+    # then depends on them visibly.
+    ramp = np.linspace(0, 1, LOW_RES_SIZE)[None, :, None, None]
+    low_res = np.clip(255 * (rng.uniform(0, 1, (2, 1, 1, 3)) * ramp
+                             + rng.uniform(0, 0.3, (2, LOW_RES_SIZE, LOW_RES_SIZE, 3))),
+                      0, 255).astype(np.uint8)
+    images, records = generate(model, prompts, options, batch_size=8, progress=False,
+                               low_res=low_res)
+    assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+    keys = image_keys([r["seed"] for r in records], [r["image_index"] for r in records])
+    latents = np.asarray(jax.vmap(lambda key: jax.random.normal(
+        jax.random.fold_in(key, 0), (LATENT_SIZE, LATENT_SIZE, 4)))(keys))
+    low_res_noise = np.asarray(sampling_noise(keys, (LOW_RES_SIZE, LOW_RES_SIZE, 3)))
+    drawn = []
+
+    def our_low_res_noise(shape, **_):
+        # The pipeline's only draw when latents are given: the low-res augmentation noise.
+        assert tuple(shape) == (2, 3, LOW_RES_SIZE, LOW_RES_SIZE)
+        drawn.append(shape)
+        return torch.from_numpy(low_res_noise.transpose(0, 3, 1, 2).copy())
+
+    monkeypatch.setattr(pipeline_stable_diffusion_upscale, "randn_tensor", our_low_res_noise)
+    reference_pipeline = StableDiffusionUpscalePipeline.from_pretrained(pipeline)
+    # Our DDIM ends at alpha_cumprod 1 (the published scheduler config says False).
+    reference_pipeline.scheduler = DDIMScheduler.from_config(
+        reference_pipeline.scheduler.config, set_alpha_to_one=True)
+    reference = reference_pipeline(
+        prompts, image=low_res.astype(np.float32) / 255, num_inference_steps=steps,
+        guidance_scale=scale, noise_level=60,
+        latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+        output_type="np").images
+    assert len(drawn) == 1
+    reference = np.clip(np.round(reference * 255), 0, 255)
+    assert reference.std() > 10  # not a flat image: the comparison means something
+    assert np.abs(images.astype(np.float64) - reference).max() <= 1
