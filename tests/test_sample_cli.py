@@ -3,44 +3,23 @@ two real processes (gloo on 127.0.0.1) share a 50-line prompts file, a killed ru
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
 
 from configs import tiny
-from data_pipeline.input_pipeline import synthetic_tokenizer_workdir
-from models.factory import build_unet
-from models.text_encoder import TOKENIZER_FILE
-from train import checkpoint
+from tests.cli_helpers import cli_env
+from tests.cli_helpers import error_line as _error_line
+from tests.cli_helpers import run_cli as _run
+from tests.cli_helpers import write_random_checkpoint as _write_checkpoint
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEP = 4
-
-
-def _write_checkpoint(workdir, config, params_model_config=None):
-    """A checkpoint in train/checkpoint.py's layout, with random EMA weights (no training)."""
-    _, params = nnx.split(build_unet((params_model_config or config.model), nnx.Rngs(3)))
-    params = jax.tree_util.tree_map(lambda p: p * 1.5, params)
-    checkpoint.save_config(workdir, config)
-    meta = {"step": STEP, "config": json.loads(config.to_json_best_effort(sort_keys=True)),
-            "data": {}}
-    with checkpoint.make_manager(workdir, async_save=False) as manager:
-        manager.save(STEP, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"step": np.int32(STEP)}),
-            ema_params=ocp.args.StandardSave(params),
-            meta=ocp.args.JsonSave(meta)))
-        manager.wait_until_finished()
-    shutil.copy(os.path.join(synthetic_tokenizer_workdir(config), TOKENIZER_FILE), workdir)
 
 
 @pytest.fixture(scope="module")
@@ -50,30 +29,8 @@ def workdir(tmp_path_factory):
     return path
 
 
-def _env(devices):
-    env = dict(os.environ)
-    # Single-threaded CPU devices, as the CLIs' default --cpu_devices sets them.
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                        "--xla_cpu_multi_thread_eigen=false")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = ROOT
-    return env
-
-
 def _sample_cmd(workdir, out, *extra):
     return [sys.executable, "-m", "sample", "--workdir", workdir, "--out", str(out), *extra]
-
-
-def _run(args, devices=2, timeout=300):
-    return subprocess.run(args, cwd=ROOT, env=_env(devices), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _error_line(result):
-    assert result.returncode != 0, result.stdout
-    lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert lines, result.stderr[-2000:]
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +100,7 @@ def test_two_processes_share_a_prompt_file_and_match_one_process(workdir, tmp_pa
     common = ["--prompts_file", str(prompts), "--steps", "2", "--batch_size", "4",
               "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2"]
     procs = [subprocess.Popen(_sample_cmd(workdir, out, *common, "--process_id", str(i)),
-                              cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
+                              cwd=ROOT, env=cli_env(2), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
@@ -180,7 +137,7 @@ def test_killed_run_resumes_without_duplicates(workdir, tmp_path):
     # Small batches of more steps: the run is still going when the kill comes.
     args = _sample_cmd(workdir, out, "--prompts_file", str(prompts), "--steps", "8",
                        "--batch_size", "1")
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(2), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(2), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:

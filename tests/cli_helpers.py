@@ -1,0 +1,60 @@
+"""Helpers of the CLI tests: tiny checkpoints with random weights (no training) and
+subprocess runs of the CLIs with the environment they get on a user's machine."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from data_pipeline.input_pipeline import synthetic_tokenizer_workdir
+from models.factory import build_unet
+from models.text_encoder import TOKENIZER_FILE
+from train import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP = 4
+
+
+def write_random_checkpoint(workdir, config, params_model_config=None):
+    """A checkpoint in train/checkpoint.py's layout, with random EMA weights (no training)."""
+    _, params = nnx.split(build_unet((params_model_config or config.model), nnx.Rngs(3)))
+    params = jax.tree_util.tree_map(lambda p: p * 1.5, params)
+    checkpoint.save_config(workdir, config)
+    meta = {"step": STEP, "config": json.loads(config.to_json_best_effort(sort_keys=True)),
+            "data": {}}
+    with checkpoint.make_manager(workdir, async_save=False) as manager:
+        manager.save(STEP, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"step": np.int32(STEP)}),
+            ema_params=ocp.args.StandardSave(params),
+            meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+    shutil.copy(os.path.join(synthetic_tokenizer_workdir(config), TOKENIZER_FILE), workdir)
+
+
+def cli_env(devices):
+    env = dict(os.environ)
+    # Single-threaded CPU devices, as the CLIs' default --cpu_devices sets them.
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                        "--xla_cpu_multi_thread_eigen=false")
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT
+    return env
+
+
+def run_cli(args, devices=2, timeout=300):
+    return subprocess.run(args, cwd=ROOT, env=cli_env(devices), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def error_line(result):
+    assert result.returncode != 0, result.stdout
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert lines, result.stderr[-2000:]
+    return lines[-1]
+
+
