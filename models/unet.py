@@ -859,4 +859,9 @@ def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, An
             unsupported.append(f"{key}={value!r}")
     if unsupported:
         raise ValueError(f"unsupported diffusers UNet options: {', '.join(unsupported)}")
+    if kwargs.get("addition_embed_type") is None:
+        # Every diffusers config lists these; without the text path they mean nothing, and a
+        # checkpoint's config.model.unet stays as short as before the option existed.
+        kwargs.pop("addition_embed_type", None)
+        kwargs.pop("addition_embed_type_num_heads", None)
     return kwargs

@@ -203,7 +203,9 @@ def test_diffusers_config_accepts_text_and_refuses_other_addition_embeddings():
             unet_kwargs_from_diffusers_config(TINY_TEXT_UPSCALER | {"addition_embed_type": kind})
     # Without the text path the head count is diffusers' unused default, whatever it says.
     off = TINY_TEXT_UPSCALER | {"addition_embed_type": None, "addition_embed_type_num_heads": 64}
-    assert _abstract(unet_kwargs_from_diffusers_config(off)).add_embedding is None
+    off_kwargs = unet_kwargs_from_diffusers_config(off)
+    assert "addition_embed_type_num_heads" not in off_kwargs
+    assert _abstract(off_kwargs).add_embedding is None
 
     with pytest.raises(ValueError, match="addition_embed_type: 'text_time' is not one of"):
         _abstract(TINY_TEXT_UPSCALER | {"addition_embed_type": "text_time"})
