@@ -123,7 +123,7 @@ class AttentionPooling(nnx.Module):
                 f"addition_embed_type_num_heads={num_heads} does not divide the text width "
                 f"{embed_dim} (cross_attention_dim) that the text pooling attends over"
             )
-        self.num_heads, self.dtype = num_heads, dtype
+        self.num_heads = num_heads
         # A [1, D] parameter, not an Embed, because diffusers stores it as a bare tensor
         # `pool.positional_embedding` (no `.weight`); initialised as diffusers does.
         self.positional_embedding = nnx.Param(
