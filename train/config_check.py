@@ -17,7 +17,7 @@ from diffusion.timestep_sampling import TIMESTEP_SAMPLINGS
 from models.logical_axes import LOGICAL_AXES
 from models.lora import check_lora_config
 from models.text_encoder import DEMO_TOKENIZERS, TEXT_ENCODER_KINDS
-from models.unet import RESNET_TIME_SCALE_SHIFTS
+from models.unet import ADDITION_EMBED_TYPES, RESNET_TIME_SCALE_SHIFTS
 from train.sharding import MESH_AXES
 from train.state import LR_DECAYS
 
@@ -162,6 +162,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"{unet.projection_class_embeddings_input_dim} must equal the text encoder width "
             f"({unet.cross_attention_dim}): it receives the pooled prompt embedding"
         )
+    _choice("model.unet.addition_embed_type", unet.get("addition_embed_type"),
+            ADDITION_EMBED_TYPES)
+    heads = unet.get("addition_embed_type_num_heads", 64)
+    if unet.get("addition_embed_type") == "text" and (
+            not isinstance(heads, int) or heads < 1 or unet.cross_attention_dim % heads):
+        raise ConfigError(
+            f"config.model.unet.addition_embed_type_num_heads={heads!r} must divide "
+            f"cross_attention_dim={unet.cross_attention_dim} (the text pooling's heads)")
     _choice("model.dtype", model.dtype, DTYPES)
     if not isinstance(unet.get("remat", False), bool):
         raise ConfigError(f"config.model.unet.remat={unet.remat!r} must be True or False")
