@@ -36,6 +36,31 @@ def abstract_unet(model_config: ml_collections.ConfigDict, *, remat: bool | None
     return nnx.split(module)
 
 
+def lora_options(model_config: ml_collections.ConfigDict) -> dict | None:
+    """`models.lora` keyword arguments of `model.lora` when it trains adapters (rank > 0)."""
+    lora = model_config.get("lora")
+    if lora is None or not lora.rank:
+        return None
+    return {"rank": int(lora.rank), "alpha": float(lora.alpha), "targets": tuple(lora.targets)}
+
+
+def abstract_trainable_unet(model_config: ml_collections.ConfigDict, *,
+                            remat: bool | None = None):
+    """(graphdef, abstract trainable params, abstract frozen base | None), allocating nothing:
+    the whole UNet and None, or with `model.lora.rank` > 0 the adapters and the frozen UNet
+    (whose tree is the plain UNet's, so the pretrained loader fills it as it is). Training,
+    the loop's resume check, the sampler and the exporter share it."""
+    from models.lora import abstract_lora_model
+
+    options = lora_options(model_config)
+    if options is None:
+        graphdef, params = abstract_unet(model_config, remat=remat)
+        return graphdef, params, None
+    graphdef, base, adapters = abstract_lora_model(
+        lambda: build_unet(model_config, nnx.Rngs(0), remat=remat), **options)
+    return graphdef, adapters, base
+
+
 def build_frozen_text_encoder(model_config: ml_collections.ConfigDict, workdir: str | None = None):
     """(tokenizer, graphdef, params) of the frozen text encoder (`workdir` holds the demo's
     trained BPE tokenizer when it uses one). It computes in `model.dtype`, as the UNet; its

@@ -40,6 +40,7 @@ from diffusion.sampling import (
 )
 from diffusion.schedules import schedule_from_config
 from models.factory import (
+    abstract_trainable_unet,
     build_frozen_text_encoder,
     build_frozen_vae,
     denoiser_apply_fn,
@@ -54,7 +55,6 @@ from sample.prompts import (
     scan_prompts,
 )
 from train import checkpoint
-from train.setup import abstract_trainable_unet
 from train.sharding import make_mesh, replicated
 
 MANIFEST = "manifest.jsonl"

@@ -31,4 +31,10 @@ def test_every_source_with_its_fields_passes():
                     {"storage_options": '{"endpoint_url": "http://127.0.0.1:9000"}'}):
         config = demo.get_config()
         config.data.update(changes)
-        validate_config(config)
+        validate_config(config)  # raises on a field it refuses
+        # ... and the field each source needs is what made it pass.
+        for field in ("paths", "tfds_name"):
+            if field in changes:
+                config.data[field] = ""
+                with pytest.raises(ConfigError, match=f"data.{field}"):
+                    validate_config(config)

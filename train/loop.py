@@ -14,13 +14,13 @@ from tqdm.auto import tqdm
 from data_pipeline import input_pipeline
 from diffusion.low_res import downsample, low_res_from_config, with_low_res_inputs
 from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
-from models.factory import denoiser_apply_fn
+from models.factory import abstract_trainable_unet, denoiser_apply_fn
 from models.pretrained import PretrainedError, resolve_pretrained_config
 from train import checkpoint, lock, mfu
 from train.config_check import ConfigError, validate_config
 from train.metrics import MetricWriter
 from train.preemption import PreemptionWatch
-from train.setup import abstract_trainable_unet, build_run
+from train.setup import build_run
 from train.sharding import check_batch_divides, data_parallel_size, make_mesh
 
 

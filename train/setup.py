@@ -29,15 +29,16 @@ from jax.sharding import Mesh
 from diffusion.low_res import low_res_from_config
 from diffusion.schedules import schedule_from_config
 from models.factory import (
-    abstract_unet,
+    abstract_trainable_unet,
     build_frozen_text_encoder,
     build_frozen_vae,
     build_unet,
     latent_decoder_fn,
     latent_encoder_fn,
+    lora_options,
     text_conditioning_fn,
 )
-from models.lora import abstract_lora_model, init_lora_params, merge_params
+from models.lora import init_lora_params, merge_params
 from models.pretrained import load_unet_params, resolve_pretrained_config
 from train.sharding import (
     DEFAULT_RULES,
@@ -102,29 +103,6 @@ class Run:
     def full_unet_params(self, params):
         """One state for `nnx.merge(unet_graphdef, ...)`: LoRA adapters with the frozen base."""
         return params if self.unet_base is None else merge_params(self.unet_base, params)
-
-
-def lora_options(model_config: ml_collections.ConfigDict) -> dict | None:
-    """`models.lora` keyword arguments of `model.lora` when it trains adapters (rank > 0)."""
-    lora = model_config.get("lora")
-    if lora is None or not lora.rank:
-        return None
-    return {"rank": int(lora.rank), "alpha": float(lora.alpha), "targets": tuple(lora.targets)}
-
-
-def abstract_trainable_unet(model_config: ml_collections.ConfigDict, *,
-                            remat: bool | None = None):
-    """(graphdef, abstract trainable params, abstract frozen base | None), allocating nothing:
-    the whole UNet and None, or with `model.lora.rank` > 0 the adapters and the frozen UNet
-    (whose tree is the plain UNet's, so the pretrained loader fills it as it is). Training,
-    the loop's resume check, the sampler and the exporter share it."""
-    options = lora_options(model_config)
-    if options is None:
-        graphdef, params = abstract_unet(model_config, remat=remat)
-        return graphdef, params, None
-    graphdef, base, adapters = abstract_lora_model(
-        lambda: build_unet(model_config, nnx.Rngs(0), remat=remat), **options)
-    return graphdef, adapters, base
 
 
 def mesh_rules(config: ml_collections.ConfigDict) -> tuple:
