@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -178,8 +179,13 @@ def test_one_denoising_step_matches_diffusers(pipeline, resolved):
     mesh = make_mesh((("data", 2), ("fsdp", 4)))
     graphdef, abstract = abstract_unet(config.model)
     params = load_unet_params(pipeline / "unet", abstract, tree_shardings(mesh, abstract))
-    unet = nnx.merge(graphdef, params)
     conditioning = low_res_from_config(config.model)
+
+    @jax.jit  # one compile for both calls below (eager ops on sharded arrays are slow)
+    def denoise(params, latents, low_res, noise, timesteps, context, levels):
+        extra = low_res_input(conditioning, low_res, noise, levels)
+        return nnx.merge(graphdef, params)(jnp.concatenate([latents, extra], -1), timesteps,
+                                           context, class_labels=levels)
 
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, LATENT_SIZE, LATENT_SIZE, 4)).astype(np.float32)
@@ -189,11 +195,7 @@ def test_one_denoising_step_matches_diffusers(pipeline, resolved):
     timesteps, levels = np.array([10, 900]), np.array([20, MAX_NOISE_LEVEL])
 
     def ours(levels):
-        extra = low_res_input(conditioning, jnp.asarray(low_res), jnp.asarray(noise),
-                              jnp.asarray(levels))
-        return np.asarray(unet(jnp.concatenate([jnp.asarray(latents), extra], -1),
-                               jnp.asarray(timesteps), jnp.asarray(context),
-                               class_labels=jnp.asarray(levels)))
+        return np.asarray(denoise(params, latents, low_res, noise, timesteps, context, levels))
 
     def nchw(x):
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
@@ -260,7 +262,6 @@ def test_sampler_gives_the_diffusers_upscale_pipeline_images(pipeline, tmp_path,
     latents with CFG on 8 devices, VAE decode with the upscaler's 0.08333 scaling) against
     diffusers' StableDiffusionUpscalePipeline from the same directory: the same initial latents,
     the same low-res noise (the pipeline's draw replaced by ours) and noise level."""
-    import jax
     from diffusers import DDIMScheduler, StableDiffusionUpscalePipeline
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale
 
@@ -317,3 +318,52 @@ def test_sampler_gives_the_diffusers_upscale_pipeline_images(pipeline, tmp_path,
     reference = np.clip(np.round(reference * 255), 0, 255)
     assert reference.std() > 10  # not a flat image: the comparison means something
     assert np.abs(images.astype(np.float64) - reference).max() <= 1
+
+
+@pytest.mark.slow
+def test_imported_upscaler_fine_tunes(pipeline):
+    """configs/upscale_sd.py on the imported pipeline: the state starts from its UNet (7 input
+    channels, the noise-level table), and steps on one batch (low-res inputs made from the
+    images in the step) lower the loss at fixed random draws."""
+    from safetensors.numpy import load_file
+
+    from configs import upscale_sd
+    from train.setup import build_run
+
+    config = upscale_sd.get_config()
+    config.model.pretrained = str(pipeline)
+    config.data.image_size = IMAGE_SIZE
+    config.data.paths = "unused"  # batches are given below
+    config.train.global_batch_size = 8
+    config.model.unet.remat = False
+    config.optim.learning_rate = 2e-3
+    config.optim.warmup_steps = 1
+    run = build_run(config, make_mesh(config.mesh.shape), workdir=None)
+    weights = load_file(pipeline / "unet" / "diffusion_pytorch_model.safetensors")
+    np.testing.assert_array_equal(
+        np.asarray(run.state.params["conv_in"]["kernel"].get_value()),
+        weights["conv_in.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        np.asarray(run.state.params["class_embedding"]["embedding"].get_value()),
+        weights["class_embedding.weight"])
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, IMAGE_SIZE)[None, None, :, None]
+    images = np.broadcast_to(rng.uniform(0.2, 1, (8, 1, 1, 3)) * ramp,
+                             (8, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
+    batch = jax.device_put({"images": images,
+                            "input_ids": np.asarray(run.tokenizer(["a red cat", "blue"] * 4))},
+                           run.data_sharding)
+
+    def copy(tree):
+        return jax.tree_util.tree_map(jnp.copy, tree)
+
+    start = copy(run.state)
+    _, first = run.compiled_step(copy(start), run.text_params, batch, *run.extra_inputs)
+    state = copy(start)
+    for _ in range(8):
+        state, metrics = run.compiled_step(state, run.text_params, batch, *run.extra_inputs)
+        assert np.isfinite(float(metrics["loss"]))
+    trained = state.replace(step=start.step, ema_params=copy(state.params))
+    _, again = run.compiled_step(trained, run.text_params, batch, *run.extra_inputs)
+    assert float(again["loss"]) < 0.9 * float(first["loss"])
