@@ -6,6 +6,7 @@ low-resolution image and its noise level, and a full short sampling run with the
 
 import json
 import logging
+import os
 import shutil
 
 import jax
@@ -260,14 +261,15 @@ def _checkpoint_of_pretrained(config, workdir):
 def test_sampler_gives_the_diffusers_upscale_pipeline_images(pipeline, tmp_path, monkeypatch):
     """Our sampler (restore, CLIP, the low-res image noised per image, DDIM v-prediction over
     latents with CFG on 8 devices, VAE decode with the upscaler's 0.08333 scaling) against
-    diffusers' StableDiffusionUpscalePipeline from the same directory: the same initial latents,
-    the same low-res noise (the pipeline's draw replaced by ours) and noise level."""
+    diffusers' StableDiffusionUpscalePipeline loaded from the run's export: the same initial
+    latents, the same low-res noise (the pipeline's draw replaced by ours) and noise level."""
     from diffusers import DDIMScheduler, StableDiffusionUpscalePipeline
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_upscale
 
     from configs import upscale_sd
     from diffusion.low_res import sampling_noise
     from diffusion.sampling import image_keys
+    from export.diffusers_export import export_checkpoint
     from sample.pipeline import generate, load_model, options_from_config
 
     config = upscale_sd.get_config()  # remat on, bf16, as users train: sampling in float32
@@ -304,8 +306,13 @@ def test_sampler_gives_the_diffusers_upscale_pipeline_images(pipeline, tmp_path,
         drawn.append(shape)
         return torch.from_numpy(low_res_noise.transpose(0, 3, 1, 2).copy())
 
+    # The reference loads our export of the run (its UNet, the pipeline's other parts): the
+    # upscaler round-trips to diffusers with its low_res_scheduler and max_noise_level.
+    exported = export_checkpoint(str(tmp_path / "run"), tmp_path / "exported").out
+    assert "low_res_scheduler" in os.listdir(exported)
     monkeypatch.setattr(pipeline_stable_diffusion_upscale, "randn_tensor", our_low_res_noise)
-    reference_pipeline = StableDiffusionUpscalePipeline.from_pretrained(pipeline)
+    reference_pipeline = StableDiffusionUpscalePipeline.from_pretrained(exported)
+    assert reference_pipeline.config.max_noise_level == MAX_NOISE_LEVEL
     # Our DDIM ends at alpha_cumprod 1 (the published scheduler config says False).
     reference_pipeline.scheduler = DDIMScheduler.from_config(
         reference_pipeline.scheduler.config, set_alpha_to_one=True)
