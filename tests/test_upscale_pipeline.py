@@ -129,6 +129,9 @@ def test_vae_latents_use_the_upscalers_scaling(pipeline, tmp_path, caplog):
      r"unet/config.json: in_channels=4 must be 7 .*latent_channels=4 \+ 3 low-resolution"),
     ("model_index.json", {"max_noise_level": NUM_CLASS_EMBEDS}, PretrainedError,
      r"num_class_embeds=100 .*noise levels 0..100 \(max_noise_level"),
+    # diffusers' default when model_index.json has none: 350.
+    ("model_index.json", {"max_noise_level": _DELETE}, PretrainedError,
+     r"num_class_embeds=100 .*noise levels 0..350 \(max_noise_level"),
     ("unet/config.json", {"num_class_embeds": None}, PretrainedError,
      r"num_class_embeds=None .*num_class_embeds > max_noise_level"),
     ("model_index.json", {"max_noise_level": "350"}, PretrainedError,
@@ -145,6 +148,14 @@ def test_broken_upscaler_directories_are_named(pipeline, tmp_path, edit_file, ch
     directory = _edited_copy(pipeline, tmp_path, edit_file, **changes)
     with pytest.raises(error, match=match):
         resolve_pretrained_config(_config(directory))
+
+
+def test_post_processing_parts_are_named_as_not_applied(pipeline, tmp_path):
+    directory = _edited_copy(pipeline, tmp_path, "model_index.json",
+                             watermarker=["my_package", "Watermarker"])
+    config, lines = resolve_pretrained_config(_config(directory))
+    assert config.model.low_res.max_noise_level == MAX_NOISE_LEVEL
+    assert "watermarker in model_index.json is not applied by our sampler" in lines
 
 
 def test_missing_low_res_scheduler_files(pipeline, tmp_path):
