@@ -319,11 +319,8 @@ def resolve_pretrained_config(
             f"config.model.low_res asks for a super-resolution model, but "
             f"config.model.pretrained={str(pipeline.root)!r} is a "
             f"{pipeline.model_index.get('_class_name')}, not a {UPSCALE_PIPELINE}")
+    # The user's level is kept (train.config_check checks it against max_noise_level).
     noise_level = config.sample.get("noise_level", UPSCALE_SAMPLE_NOISE_LEVEL)
-    if low_res is not None and not 0 <= noise_level <= low_res["max_noise_level"]:
-        raise PretrainedError(
-            f"config.sample.noise_level={noise_level} must be in [0, {low_res['max_noise_level']}]"
-            f" (max_noise_level of {pipeline.root / 'model_index.json'})")
     resolved = copy.deepcopy(config)
     with resolved.unlocked():
         resolved.model.unet = ml_collections.ConfigDict(unet)

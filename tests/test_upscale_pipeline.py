@@ -100,13 +100,17 @@ def test_import_resolves_a_super_resolution_model(resolved):
 
 
 def test_user_noise_level_is_kept_and_checked(pipeline):
+    from train.config_check import ConfigError, validate_config
+
     config = _config(pipeline)
     with config.unlocked():
         config.sample.noise_level = 50
     assert resolve_pretrained_config(config)[0].sample.noise_level == 50
     config.sample.noise_level = MAX_NOISE_LEVEL + 1
-    with pytest.raises(PretrainedError, match=r"sample.noise_level=100 must be in \[0, 99\]"):
-        resolve_pretrained_config(config)
+    resolved, _ = resolve_pretrained_config(config)
+    with pytest.raises(ConfigError, match=r"sample.noise_level=100 must be an int in \[0, "
+                                          r"model.low_res.max_noise_level=99\]"):
+        validate_config(resolved)
 
 
 def test_vae_latents_use_the_upscalers_scaling(pipeline, tmp_path, caplog):
