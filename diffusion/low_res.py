@@ -40,6 +40,10 @@ LOW_RES_CHANNELS = 3
 # The solver draws the initial noise at index 0 and each step's at 1, 2, ...; this is far above
 # any step count, so the draws never coincide.
 LOW_RES_NOISE_INDEX = 2**31 - 1
+# Sampling noise level of the low-res input when a config sets none (diffusers' upscale
+# pipeline default): a little augmentation noise hides the gap between training inputs and
+# real ones.
+DEFAULT_SAMPLE_NOISE_LEVEL = 20
 # Resize methods of jax.image.resize allowed for the low-res input.
 RESIZE_METHODS = ("cubic", "linear", "nearest", "lanczos3")
 

@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from diffusion.low_res import LOW_RES_CHANNELS, is_super_resolution
+from diffusion.low_res import DEFAULT_SAMPLE_NOISE_LEVEL, LOW_RES_CHANNELS, is_super_resolution
 from models.hf_weights import torch_name
 from models.unet import unet_kwargs_from_diffusers_config
 
@@ -70,7 +70,6 @@ UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
 UPSCALE_MAX_NOISE_LEVEL = 350
 UPSCALE_LATENT_SCALING = 0.08333
 # diffusers' default `noise_level` of the upscale pipeline's __call__ (sample.noise_level).
-UPSCALE_SAMPLE_NOISE_LEVEL = 20
 # Parts of an upscale pipeline that post-process its outputs; we do not apply them.
 _POSTPROCESSING_PARTS = ("safety_checker", "feature_extractor", "watermarker")
 UNET_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors",
@@ -320,7 +319,7 @@ def resolve_pretrained_config(
             f"config.model.pretrained={str(pipeline.root)!r} is a "
             f"{pipeline.model_index.get('_class_name')}, not a {UPSCALE_PIPELINE}")
     # The user's level is kept (train.config_check checks it against max_noise_level).
-    noise_level = config.sample.get("noise_level", UPSCALE_SAMPLE_NOISE_LEVEL)
+    noise_level = config.sample.get("noise_level", DEFAULT_SAMPLE_NOISE_LEVEL)
     resolved = copy.deepcopy(config)
     with resolved.unlocked():
         resolved.model.unet = ml_collections.ConfigDict(unet)

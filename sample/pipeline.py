@@ -31,7 +31,12 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from diffusion.low_res import LowResConditioning, low_res_from_config, with_low_res_inputs
+from diffusion.low_res import (
+    DEFAULT_SAMPLE_NOISE_LEVEL,
+    LowResConditioning,
+    low_res_from_config,
+    with_low_res_inputs,
+)
 from diffusion.sampling import (
     image_grid,
     make_denoise_fn,
@@ -206,7 +211,7 @@ def options_from_config(config, **overrides) -> SampleOptions:
                   seed=config.seed, karras_sigmas=bool(s.get("karras_sigmas", False)),
                   guidance_rescale=float(s.get("guidance_rescale", 0.0)),
                   timestep_spacing=s.timestep_spacing, steps_offset=int(s.get("steps_offset", 0)),
-                  noise_level=int(s.get("noise_level", 20)))
+                  noise_level=int(s.get("noise_level", DEFAULT_SAMPLE_NOISE_LEVEL)))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SampleOptions(**values)
 

@@ -8,7 +8,12 @@ import ml_collections
 from data_pipeline.captions import EMPTY_CAPTION_POLICIES
 from data_pipeline.input_pipeline import DATA_SOURCES, DECODE_WORKER_KINDS, storage_options
 from diffusion.loss import LOSS_WEIGHTINGS
-from diffusion.low_res import LOW_RES_CHANNELS, RESIZE_METHODS, is_super_resolution
+from diffusion.low_res import (
+    DEFAULT_SAMPLE_NOISE_LEVEL,
+    LOW_RES_CHANNELS,
+    RESIZE_METHODS,
+    is_super_resolution,
+)
 from diffusion.parameterization import PREDICTION_TYPES
 from diffusion.sampling import KARRAS_SOLVERS, SOLVER_NAMES
 from diffusion.schedules import SCHEDULES
@@ -272,7 +277,7 @@ def _check_low_res(model, image_size: int, sample) -> None:
                 f"config.model.unet.in_channels={unet.in_channels} must be {expected}: "
                 f"out_channels={unet.out_channels} noisy channels + {LOW_RES_CHANNELS} of the "
                 "low-res image")
-    noise_level = sample.get("noise_level", 20)
+    noise_level = sample.get("noise_level", DEFAULT_SAMPLE_NOISE_LEVEL)
     if not isinstance(noise_level, int) or not 0 <= noise_level <= level:
         raise ConfigError(f"config.sample.noise_level={noise_level!r} must be an int in [0, "
                           f"model.low_res.max_noise_level={level}]")

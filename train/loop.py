@@ -12,7 +12,12 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from data_pipeline import input_pipeline
-from diffusion.low_res import downsample, low_res_from_config, with_low_res_inputs
+from diffusion.low_res import (
+    DEFAULT_SAMPLE_NOISE_LEVEL,
+    downsample,
+    low_res_from_config,
+    with_low_res_inputs,
+)
 from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
 from models.factory import abstract_trainable_unet, denoiser_apply_fn
 from models.pretrained import PretrainedError, resolve_pretrained_config
@@ -385,7 +390,7 @@ def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, encode_text
 
         return grid
 
-    noise_level = int(sample.get("noise_level", 20))
+    noise_level = int(sample.get("noise_level", DEFAULT_SAMPLE_NOISE_LEVEL))
 
     def grid(ema_params, preview):
         real = np.asarray(preview["images"])
