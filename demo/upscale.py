@@ -38,6 +38,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/t2i_upscale", "Where data, check
 _IMAGES = flags.DEFINE_integer("num_images_per_prompt", 4, "Test images per combination.")
 _SKIP_TRAINING = flags.DEFINE_boolean(
     "skip_training", False, "Measure the workdir's latest checkpoint without training.")
+_CFG = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the checkpoint config's).")
+_STEPS = flags.DEFINE_integer("steps", None, "Solver steps (default: the checkpoint config's).")
 _PICTURE = flags.DEFINE_string("picture", None, "Also write the picture here (e.g. docs/...).")
 _CPU_DEVICES = define_cpu_devices_flag()
 _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
@@ -74,8 +76,10 @@ def bicubic_uint8(low: np.ndarray, size: int) -> np.ndarray:
 
 
 def measure(workdir: str, *, num_images_per_prompt: int = 4, seed: int = 1,
-            classifier_kwargs: dict | None = None) -> tuple[dict, np.ndarray]:
-    """(figures, picture) for the workdir's latest super-resolution checkpoint."""
+            classifier_kwargs: dict | None = None, cfg_scale: float | None = None,
+            steps: int | None = None) -> tuple[dict, np.ndarray]:
+    """(figures, picture) for the workdir's latest super-resolution checkpoint, sampled with
+    its config's settings (or `cfg_scale` / `steps`)."""
     from data_pipeline.input_pipeline import held_out_combinations
     from data_pipeline.synthetic import all_combinations, prompt_for
     from diffusion.sampling import image_grid
@@ -94,7 +98,7 @@ def measure(workdir: str, *, num_images_per_prompt: int = 4, seed: int = 1,
     real = real_test_images(combos, num_images_per_prompt, size, seed)
     low = downsample_uint8(real, model.low_res.factor)
     prompts = [prompt_for(*c) for c in expected]
-    options = options_from_config(config)
+    options = options_from_config(config, cfg_scale=cfg_scale, steps=steps)
     outputs = {"bicubic": bicubic_uint8(low, size)}
     timings = {}
     for name, texts in (("upscaler", prompts), ("upscaler_empty_prompt", [""] * len(prompts))):
@@ -151,7 +155,8 @@ def main(argv):
         train_and_evaluate(config, _WORKDIR.value)
         train_seconds = round(time.time() - started, 1)
     logging.info("measuring the upscaler against bicubic upscaling")
-    figures, picture = measure(_WORKDIR.value, num_images_per_prompt=_IMAGES.value)
+    figures, picture = measure(_WORKDIR.value, num_images_per_prompt=_IMAGES.value,
+                               cfg_scale=_CFG.value, steps=_STEPS.value)
     figures["train_seconds"] = train_seconds
     figures["wall_seconds"] = round(time.time() - started, 1)
     if jax.process_index() == 0:
