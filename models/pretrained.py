@@ -69,7 +69,6 @@ UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
 # upscaler's VAE config has no scaling_factor, and 0.18215 would be wrong for its latents).
 UPSCALE_MAX_NOISE_LEVEL = 350
 UPSCALE_LATENT_SCALING = 0.08333
-# diffusers' default `noise_level` of the upscale pipeline's __call__ (sample.noise_level).
 # Parts of an upscale pipeline that post-process its outputs; we do not apply them.
 _POSTPROCESSING_PARTS = ("safety_checker", "feature_extractor", "watermarker")
 UNET_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors",

@@ -111,17 +111,12 @@ def main(argv):
         load_model(_WORKDIR.value, _STEP.value, merge_lora=_LORA_MERGE.value), _LORA.value,
         scale=_LORA_SCALE.value, merge=_LORA_MERGE.value)
     def options_for(loaded):
-        options = options_from_config(
+        return options_from_config(
             loaded.config, sampler=_SAMPLER.value, steps=_STEPS.value, cfg_scale=_CFG.value,
             eta=_ETA.value, seed=_SEED.value, num_images_per_prompt=_NUM.value,
             negative_prompt=_NEGATIVE.value, karras_sigmas=_KARRAS.value,
             guidance_rescale=_RESCALE.value, timestep_spacing=_SPACING.value,
             noise_level=_NOISE_LEVEL.value)
-        if loaded.low_res is not None and not (
-                0 <= options.noise_level <= loaded.low_res.max_noise_level):
-            raise ValueError(f"--noise_level={options.noise_level} must be in [0, "
-                             f"{loaded.low_res.max_noise_level}] (model.low_res.max_noise_level)")
-        return options
 
     options = options_for(model)
     if _UPSCALER.value is not None:

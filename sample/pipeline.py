@@ -427,7 +427,7 @@ def sample_to_dir(model: LoadedModel, prompts: Sequence[str], prompts_file: str 
     parts into manifest.jsonl (one entry per image, in prompt order). A rerun skips images
     already listed with their PNG present, so a killed run resumes.
     """
-    _check_low_res_use(model, low_res_for is not None)
+    _check_low_res_use(model, low_res_for is not None, options)
     defaults = options.defaults()
     totals = dict(scan_prompts(prompts, prompts_file, defaults))
     totals["images"] *= low_res_per_image
@@ -507,7 +507,7 @@ def generate(model: LoadedModel, prompts: Sequence[str], options: SampleOptions,
     low_res[i] (or one [h, w, 3] image for every prompt)."""
     if not prompts:
         raise EmptyPromptListError("no prompts to sample")
-    _check_low_res_use(model, low_res is not None)
+    _check_low_res_use(model, low_res is not None, options)
     low_res_for = None
     if low_res is not None:
         low_res = np.asarray(low_res)
@@ -561,7 +561,8 @@ def write_outputs(out_dir: str, images: np.ndarray, records: list[dict],
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def _check_low_res_use(model: LoadedModel, given: bool) -> None:
+def _check_low_res_use(model: LoadedModel, given: bool,
+                       options: SampleOptions | None = None) -> None:
     if model.low_res is not None and not given:
         raise ValueError(
             f"checkpoint step {model.step} is a super-resolution model (config.model.low_res, "
@@ -572,6 +573,10 @@ def _check_low_res_use(model: LoadedModel, given: bool) -> None:
         raise ValueError(
             "low-res images were given, but this checkpoint is not a super-resolution model "
             "(its config has no model.low_res); --low_res needs an upscaler's workdir")
+    if model.low_res is not None and options is not None and not (
+            0 <= options.noise_level <= model.low_res.max_noise_level):
+        raise ValueError(f"--noise_level={options.noise_level} must be in [0, "
+                         f"{model.low_res.max_noise_level}] (model.low_res.max_noise_level)")
 
 
 def check_low_res_image(model: LoadedModel, image: np.ndarray, what: str) -> None:
@@ -641,7 +646,7 @@ def sample_cascade(base: LoadedModel, upscaler: LoadedModel, prompts: Sequence[s
     if base.low_res is not None:
         raise ValueError("the base workdir holds a super-resolution model; the cascade starts "
                          "from a text-to-image model")
-    _check_low_res_use(upscaler, True)
+    _check_low_res_use(upscaler, True, upscale_options)
     if base.image_size != upscaler.low_res_size:
         raise ValueError(
             f"the base model makes {base.image_size}x{base.image_size} images; the upscaler "

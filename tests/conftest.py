@@ -14,3 +14,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first, in their own order. pytest-xdist's `--dist loadfile` hands
+    out whole files in collection order; a long CLI file drawn last keeps one worker busy while
+    the other idles, and the short files fill in around the long ones when these go first."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    # Stable sort: the longest files measured first, then the other slow ones, then the rest.
+    items.sort(key=lambda item: (item.path.name not in _LONGEST_FILES,
+                                 item.path not in slow_files))
+
+
+# The longest test files (docs/testing.md): real multi-process runs and the preemption chain.
+_LONGEST_FILES = ("test_multihost.py", "test_preemption.py", "test_end_to_end.py")

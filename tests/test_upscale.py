@@ -207,20 +207,13 @@ def test_cli_bad_input_gives_one_clear_line(workdirs, tmp_path):
          "big.png: 8x8 pixels; this upscaler takes 4x4 images"),
         (_sample(up, out, "--low_res", _png(tmp_path / "grey.png", 4, "L"), "--prompt", "a"),
          "grey.png: image mode 'L' (1 channel(s))"),
-        (_sample(up, out, "--low_res", _png(tmp_path / "rgba.png", 4, "RGBA"), "--prompt", "a"),
-         "rgba.png: image mode 'RGBA' (4 channel(s))"),
         (_sample(up, out, "--low_res", str(empty), "--prompt", "a"), "no images"),
         (_sample(up, out, "--low_res", str(tmp_path / "missing"), "--prompt", "a"),
          "missing: no such file or directory"),
-        (_sample(up, out, "--prompt", "a"), "is a super-resolution model"),
-        (_sample(up, out, "--low_res", str(tmp_path / "big.png"), "--prompt", "a",
-                 "--noise_level", "351"), "--noise_level=351 must be in [0, 350]"),
         (_sample(base, out, "--low_res", str(tmp_path / "big.png"), "--prompt", "a"),
          "not a super-resolution model"),
         (_sample(base, out, "--upscaler_workdir", base16, "--prompt", "a"),
          "not a super-resolution model"),
-        (_sample(base16, out, "--upscaler_workdir", up, "--prompt", "a"),
-         "the base model makes 16x16 images; the upscaler takes 4x4"),
         (_sample(base, out, "--noise_level", "5", "--prompt", "a"),
          "--noise_level applies to super-resolution sampling only"),
     ]
@@ -237,16 +230,60 @@ def test_cli_bad_input_gives_one_clear_line(workdirs, tmp_path):
     assert not os.path.exists(out / "manifest.jsonl")
 
 
+@pytest.fixture(scope="module")
+def upscaler(workdirs):
+    from sample.pipeline import load_model
+
+    return load_model(workdirs["upscaler"])
+
+
 @pytest.mark.slow
-def test_upscaled_images_do_not_depend_on_the_device_count(workdirs):
+def test_pipeline_refuses_bad_low_res_input(workdirs, upscaler, tmp_path):
+    """The same checks the CLI runs, in-process (the CLI turns these ValueErrors into its
+    one-line errors, as the test above shows for some of them)."""
+    from sample.pipeline import (
+        generate,
+        load_model,
+        low_res_images,
+        options_from_config,
+        sample_cascade,
+    )
+
+    options = options_from_config(upscaler.config)
+    with pytest.raises(ValueError, match="rgba.png: image mode 'RGBA' \\(4 channel"):
+        low_res_images(upscaler, _png(tmp_path / "rgba.png", 4, "RGBA"))
+    low = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="is a super-resolution model"):
+        generate(upscaler, ["a"], options)
+    with pytest.raises(ValueError, match=r"--noise_level=351 must be in \[0, 350\]"):
+        generate(upscaler, ["a"], options_from_config(upscaler.config, noise_level=351),
+                 low_res=low)
+    with pytest.raises(ValueError, match="low_res\\[0\\]: 5x4 pixels"):
+        generate(upscaler, ["a"], options, low_res=np.zeros((4, 5, 3), np.uint8))
+    with pytest.raises(ValueError, match="2 images for 1 prompts"):
+        generate(upscaler, ["a"], options, low_res=np.stack([low, low]))
+    base16 = load_model(workdirs["base16"])
+    out = tmp_path / "cascade"
+    with pytest.raises(ValueError, match="the base model makes 16x16 images; the upscaler "
+                                         "takes 4x4"):
+        sample_cascade(base16, upscaler, ["a"], None, options_from_config(base16.config),
+                       options, str(out))
+    with pytest.raises(ValueError, match="base workdir holds a super-resolution model"):
+        sample_cascade(upscaler, upscaler, ["a"], None, options, options, str(out))
+    assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_upscaled_images_do_not_depend_on_the_device_count(workdirs, upscaler):
     from sample.pipeline import generate, load_model, options_from_config
 
     rng = np.random.default_rng(3)
     low = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
     prompts = ["a red circle", "a blue square", "a green triangle"]
     results = {}
-    for devices in (1, 8):
-        model = load_model(workdirs["upscaler"], devices=jax.devices()[:devices])
+    for devices, model in ((1, load_model(workdirs["upscaler"], devices=jax.devices()[:1])),
+                           (8, upscaler)):
+        assert model.mesh.size == devices
         options = options_from_config(model.config)
         results[devices], records = generate(model, prompts, options, low_res=low, batch_size=8,
                                              progress=False)
@@ -261,5 +298,3 @@ def test_upscaled_images_do_not_depend_on_the_device_count(workdirs):
     noisier, _ = generate(model, prompts, options_from_config(model.config, noise_level=300),
                           low_res=low, batch_size=8, progress=False)
     assert np.abs(noisier.astype(int) - results[8]).max() > 0
-    with pytest.raises(ValueError, match="super-resolution model"):
-        generate(model, prompts, options)
