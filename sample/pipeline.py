@@ -197,7 +197,7 @@ class SampleOptions:
     timestep_spacing: str = "trailing"
     steps_offset: int = 0
     # Super-resolution models: the noise level of the low-res input (config.sample.noise_level).
-    noise_level: int = 20
+    noise_level: int = DEFAULT_SAMPLE_NOISE_LEVEL
 
     def defaults(self) -> PromptDefaults:
         return PromptDefaults(seed=self.seed, cfg_scale=self.cfg_scale,
@@ -627,11 +627,17 @@ def low_res_images(model: LoadedModel, path: str) -> list[tuple[str, str, np.nda
         files = [path]
     else:
         raise FileNotFoundError(f"--low_res {path}: no such file or directory")
-    images = []
+    images, by_name = [], {}
     for file in files:
+        name = os.path.splitext(os.path.basename(file))[0]
+        if name in by_name:  # the outputs are named after the inputs
+            raise ValueError(f"--low_res {path}: {os.path.basename(by_name[name])} and "
+                             f"{os.path.basename(file)} would give their outputs the same names; "
+                             "rename one")
+        by_name[name] = file
         array = _read_rgb(file)
         check_low_res_image(model, array, file)
-        images.append((os.path.splitext(os.path.basename(file))[0], file, array))
+        images.append((name, file, array))
     return images
 
 

@@ -252,6 +252,12 @@ def test_pipeline_refuses_bad_low_res_input(workdirs, upscaler, tmp_path):
     options = options_from_config(upscaler.config)
     with pytest.raises(ValueError, match="rgba.png: image mode 'RGBA' \\(4 channel"):
         low_res_images(upscaler, _png(tmp_path / "rgba.png", 4, "RGBA"))
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    _png(twins / "a.png", 4)
+    Image.open(twins / "a.png").save(twins / "a.jpg")
+    with pytest.raises(ValueError, match="a.jpg and a.png would give their outputs the same"):
+        low_res_images(upscaler, str(twins))
     low = np.zeros((4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match="is a super-resolution model"):
         generate(upscaler, ["a"], options)
