@@ -1,5 +1,6 @@
-"""Helpers of the CLI tests: tiny checkpoints with random weights (no training) and
-subprocess runs of the CLIs with the environment they get on a user's machine."""
+"""Helpers of the sampling and CLI tests: checkpoints written without training (random or
+pretrained weights) and subprocess runs of the CLIs with the environment they get on a user's
+machine."""
 
 import json
 import os
@@ -20,20 +21,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 4
 
 
-def write_random_checkpoint(workdir, config, params_model_config=None):
-    """A checkpoint in train/checkpoint.py's layout, with random EMA weights (no training)."""
-    _, params = nnx.split(build_unet((params_model_config or config.model), nnx.Rngs(3)))
-    params = jax.tree_util.tree_map(lambda p: p * 1.5, params)
+def save_ema_checkpoint(workdir, config, params, step: int = STEP) -> None:
+    """A checkpoint in train/checkpoint.py's layout holding `params` as the EMA UNet (what the
+    sampler and the exporter read), with `config` beside it; no training state."""
     checkpoint.save_config(workdir, config)
-    meta = {"step": STEP, "config": json.loads(config.to_json_best_effort(sort_keys=True)),
+    meta = {"step": step, "config": json.loads(config.to_json_best_effort(sort_keys=True)),
             "data": {}}
     with checkpoint.make_manager(workdir, async_save=False) as manager:
-        manager.save(STEP, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"step": np.int32(STEP)}),
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"step": np.int32(step)}),
             ema_params=ocp.args.StandardSave(params),
             meta=ocp.args.JsonSave(meta)))
         manager.wait_until_finished()
+
+
+def write_random_checkpoint(workdir, config, params_model_config=None):
+    """A checkpoint with random EMA weights (no training) and the demo data's tokenizer."""
+    _, params = nnx.split(build_unet((params_model_config or config.model), nnx.Rngs(3)))
+    params = jax.tree_util.tree_map(lambda p: p * 1.5, params)
+    save_ema_checkpoint(workdir, config, params)
     shutil.copy(os.path.join(synthetic_tokenizer_workdir(config), TOKENIZER_FILE), workdir)
+
+
+def checkpoint_of_pretrained(config, workdir) -> None:
+    """A training workdir whose EMA UNet is `config.model.pretrained`'s own (step 1)."""
+    from models.factory import abstract_unet
+    from models.pretrained import load_unet_params
+    from train.sharding import make_mesh, tree_shardings
+
+    _, abstract = abstract_unet(config.model)
+    mesh = make_mesh((("data", -1),))
+    params = load_unet_params(f"{config.model.pretrained}/unet", abstract,
+                              tree_shardings(mesh, abstract))
+    save_ema_checkpoint(workdir, config, params, step=1)
 
 
 def cli_env(devices):

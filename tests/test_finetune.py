@@ -21,9 +21,10 @@ from PIL import Image
 
 from configs import finetune_sd
 from diffusion.loss import offset_noise
+from tests.cli_helpers import checkpoint_of_pretrained
 from tests.tiny_sd import IMAGE_SIZE, LATENT_SIZE, build_tiny_sd_pipeline
 from train.setup import build_run
-from train.sharding import make_mesh, tree_shardings
+from train.sharding import make_mesh
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -131,28 +132,6 @@ def test_sample_grid_decodes_latents(run, pipeline):
     assert grid[1:-1, 1:IMAGE_SIZE + 1].std() > 0
 
 
-def _checkpoint_of_pretrained(config, workdir):
-    """A training workdir whose EMA UNet is the pipeline's own (step 1, no training)."""
-    import orbax.checkpoint as ocp
-
-    from models.factory import abstract_unet
-    from models.pretrained import load_unet_params
-    from train import checkpoint
-
-    _, abstract = abstract_unet(config.model)
-    mesh = make_mesh((("data", -1),))
-    params = load_unet_params(f"{config.model.pretrained}/unet", abstract,
-                              tree_shardings(mesh, abstract))
-    checkpoint.save_config(workdir, config)
-    meta = {"step": 1, "config": json.loads(config.to_json_best_effort(sort_keys=True)),
-            "data": {}}
-    with checkpoint.make_manager(workdir, async_save=False) as manager:
-        manager.save(1, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"step": np.int32(1)}),
-            ema_params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
-        manager.wait_until_finished()
-
-
 @pytest.mark.parametrize("version", ["1.x", "2.x"])
 def test_sampler_gives_the_diffusers_pipeline_images(version, tmp_path):
     """Our sampler (restore, CLIP, DDIM over latents with CFG on 8 devices, VAE decode) against
@@ -170,7 +149,7 @@ def test_sampler_gives_the_diffusers_pipeline_images(version, tmp_path):
     config.data.image_size = IMAGE_SIZE
     config.model.dtype = "float32"
     config, _ = resolve_pretrained_config(config)
-    _checkpoint_of_pretrained(config, tmp_path / "run")
+    checkpoint_of_pretrained(config, tmp_path / "run")
 
     model = load_model(str(tmp_path / "run"))
     prompts, steps, scale = ["a red cat", "blue"], 4, 5.0

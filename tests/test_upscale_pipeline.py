@@ -25,6 +25,7 @@ from models.pretrained import (
     load_unet_params,
     resolve_pretrained_config,
 )
+from tests.cli_helpers import checkpoint_of_pretrained
 from tests.tiny_upscale import (
     IMAGE_SIZE,
     LATENT_SIZE,
@@ -253,26 +254,6 @@ def test_upscale_config_resolves_on_an_upscaler_directory(pipeline):
     assert resolve_pretrained_config(config)[0].model.unet.sample_size == 128
 
 
-def _checkpoint_of_pretrained(config, workdir):
-    """A training workdir whose EMA UNet is the pipeline's own (step 1, no training)."""
-    import orbax.checkpoint as ocp
-
-    from train import checkpoint
-
-    _, abstract = abstract_unet(config.model)
-    mesh = make_mesh((("data", -1),))
-    params = load_unet_params(f"{config.model.pretrained}/unet", abstract,
-                              tree_shardings(mesh, abstract))
-    checkpoint.save_config(workdir, config)
-    meta = {"step": 1, "config": json.loads(config.to_json_best_effort(sort_keys=True)),
-            "data": {}}
-    with checkpoint.make_manager(workdir, async_save=False) as manager:
-        manager.save(1, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"step": np.int32(1)}),
-            ema_params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
-        manager.wait_until_finished()
-
-
 def test_sampler_gives_the_diffusers_upscale_pipeline_images(pipeline, tmp_path, monkeypatch):
     """Our sampler (restore, CLIP, the low-res image noised per image, DDIM v-prediction over
     latents with CFG on 8 devices, VAE decode with the upscaler's 0.08333 scaling) against
@@ -293,7 +274,7 @@ def test_sampler_gives_the_diffusers_upscale_pipeline_images(pipeline, tmp_path,
     config.model.dtype = "float32"
     config.sample.noise_level = 60
     config, _ = resolve_pretrained_config(config)
-    _checkpoint_of_pretrained(config, tmp_path / "run")
+    checkpoint_of_pretrained(config, tmp_path / "run")
 
     model = load_model(str(tmp_path / "run"))
     prompts, steps, scale = ["a red cat", "blue"], 3, 5.0

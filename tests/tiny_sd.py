@@ -72,11 +72,31 @@ def tiny_tokenizer(scratch: Path, *, version: str = "1.x"):
                          model_max_length=MAX_LENGTH)
 
 
+def tiny_text_encoder(tokenizer, *, version: str = "1.x"):
+    """A tiny random CLIP text model in SD `version`'s layout (2.x: gelu and the tokenizer's own
+    end token; 1.x: quick_gelu and end token 2, as SD 1's config states it)."""
+    transformers = pytest.importorskip("transformers")
+    sd2 = version == "2.x"
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=TEXT_WIDTH,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=2 if not sd2 else tokenizer.eos_token_id,
+    )
+    return transformers.CLIPTextModel(config).eval()
+
+
 def build_tiny_sd_pipeline(path, *, version: str = "1.x", seed: int = 0) -> Path:
     """Writes a tiny random SD `version` pipeline to `path` (created) and returns it."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     sd2 = version == "2.x"
@@ -109,20 +129,7 @@ def build_tiny_sd_pipeline(path, *, version: str = "1.x", seed: int = 0) -> Path
         norm_num_groups=8,
         sample_size=IMAGE_SIZE,
     )
-    text_config = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        hidden_act="gelu" if sd2 else "quick_gelu",
-        projection_dim=TEXT_WIDTH,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=2 if not sd2 else tokenizer.eos_token_id,
-    )
-    text_encoder = transformers.CLIPTextModel(text_config).eval()
+    text_encoder = tiny_text_encoder(tokenizer, version=version)
     common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                   beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
                   clip_sample=False)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_sd import MAX_LENGTH, TEXT_WIDTH, tiny_tokenizer
+from tests.tiny_sd import TEXT_WIDTH, tiny_text_encoder, tiny_tokenizer
 
 IMAGE_SIZE = 32
 LATENT_SIZE = 8
@@ -44,7 +44,6 @@ def build_tiny_upscale_pipeline(path, *, seed: int = 0) -> Path:
     """Writes a tiny random x4-upscaler pipeline to `path` (created) and returns it."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
     path = Path(path)
     torch.manual_seed(seed)
 
@@ -80,20 +79,7 @@ def build_tiny_upscale_pipeline(path, *, seed: int = 0) -> Path:
         sample_size=IMAGE_SIZE,
         scaling_factor=VAE_SCALING,
     )
-    text_config = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        hidden_act="gelu",
-        projection_dim=TEXT_WIDTH,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    text_encoder = transformers.CLIPTextModel(text_config).eval()
+    text_encoder = tiny_text_encoder(tokenizer, version="2.x")
     scheduler = diffusers.DDIMScheduler(prediction_type="v_prediction", steps_offset=1,
                                         set_alpha_to_one=False, clip_sample=False, **SCHEDULE)
     low_res_scheduler = diffusers.DDPMScheduler(**LOW_RES_SCHEDULE)
