@@ -15,6 +15,7 @@ from flax import nnx
 from data_pipeline.input_pipeline import synthetic_tokenizer_workdir
 from models.factory import build_unet
 from models.text_encoder import TOKENIZER_FILE
+from tests.xla_env import xla_flags
 from train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,8 +60,7 @@ def checkpoint_of_pretrained(config, workdir) -> None:
 def cli_env(devices):
     env = dict(os.environ)
     # Single-threaded CPU devices, as the CLIs' default --cpu_devices sets them.
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                        "--xla_cpu_multi_thread_eigen=false")
+    env["XLA_FLAGS"] = xla_flags(devices, "--xla_cpu_multi_thread_eigen=false")
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT
     return env

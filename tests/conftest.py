@@ -2,8 +2,15 @@ import os
 import sys
 import tempfile
 
-# Eight fake CPU devices, set before anything imports jax, so sharding code paths are real.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tests.xla_env import xla_flags  # noqa: E402  (needs ROOT on the path; imports no jax)
+
+# Eight fake CPU devices, set before anything imports jax, so sharding code paths are real;
+# LLVM optimisation off for the tests' short-lived programs (tests/xla_env.py).
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # One persistent compilation cache for the whole session, inherited by the CLI subprocesses the
 # slow tests start: the tiny config's train step is compiled by many tests and processes, and
@@ -11,9 +18,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="t2i_test_jax_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.xla_env import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {
     **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "XLA_FLAGS": xla_flags(8),
     "TRANSFORMERS_VERBOSITY": "error",
     "PYTHONPATH": ROOT,
 }

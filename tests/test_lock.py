@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests.xla_env import xla_flags
 from train import lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,7 @@ def test_second_train_process_refuses_a_workdir_in_use(tmp_path):
     # The holder is this test process: alive, on this host, like a training run in progress.
     path = _write_lock(tmp_path, socket.gethostname(), os.getpid())
     before = open(path).read()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8),
            "PYTHONPATH": ROOT}
     result = subprocess.run(
         [sys.executable, "-m", "train", "--config", "configs/tiny.py", "--workdir",

@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 from models.factory import build_unet
+from tests.xla_env import xla_flags
 from train import checkpoint
 from train.sharding import make_mesh, tree_shardings
 from train.state import init_train_state, make_optimizer
@@ -34,7 +35,7 @@ TRAIN = [sys.executable, "-m", "train", "--config", "configs/tiny.py",
 
 
 def _env(devices: int) -> dict:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices),
            "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     # Runs of the same program compile it once: conftest's JAX_COMPILATION_CACHE_DIR is inherited.
     return env

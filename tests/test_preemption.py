@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from models.factory import build_unet
+from tests.xla_env import xla_flags
 from train import checkpoint, lock
 from train.sharding import make_mesh, tree_shardings
 from train.state import init_train_state, make_optimizer
@@ -41,7 +42,7 @@ OVERRIDES = [
 def env():
     return {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags(8),
         "TRANSFORMERS_VERBOSITY": "error",
         "PYTHONPATH": ROOT,
         # JAX_COMPILATION_CACHE_DIR comes from conftest: every run of the chain (and the other

@@ -114,8 +114,10 @@ def test_two_processes_share_a_prompt_file_and_match_one_process(workdir, tmp_pa
     assert not [p for p in os.listdir(out) if p.startswith("manifest.part-")]
 
     # One process with 4 devices and the same per-device batch runs the same per-device
-    # program; across processes XLA's CPU code still rounds differently in rare values
-    # (measured: one value of one image, one uint8 level), so the bound tested is that.
+    # program; across processes XLA's CPU code still rounds differently in rare values, one
+    # uint8 level at most (measured: one value of one image with XLA's default optimisation,
+    # 44 of the 42240 values with the tests' LLVM level 0, tests/xla_env.py), so the bound
+    # tested is that level on at most 0.2% of the values.
     single = tmp_path / "one"
     result = _run(_sample_cmd(workdir, single, "--prompts_file", str(prompts), "--steps", "2",
                               "--batch_size", "4", "--grid=false"), devices=4, timeout=600)
@@ -128,7 +130,7 @@ def test_two_processes_share_a_prompt_file_and_match_one_process(workdir, tmp_pa
         b = np.asarray(Image.open(single / entry["file"])).astype(int)
         assert np.abs(a - b).max() <= 1, entry["file"]
         differing += int(np.count_nonzero(a - b))
-    assert differing <= 0.001 * len(manifest) * a.size, differing
+    assert differing <= 0.002 * len(manifest) * a.size, differing
 
 
 def test_killed_run_resumes_without_duplicates(workdir, tmp_path):
