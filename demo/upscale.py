@@ -82,7 +82,7 @@ def measure(workdir: str, *, num_images_per_prompt: int = 4, seed: int = 1,
     its config's settings (or `cfg_scale` / `steps`)."""
     from data_pipeline.input_pipeline import held_out_combinations
     from data_pipeline.synthetic import all_combinations, prompt_for
-    from diffusion.sampling import image_grid
+    from diffusion.sampling import image_grid, nearest_upsample
     from evaluation.adherence import adherence_scores, train_attribute_classifier
     from sample.pipeline import generate, load_model, options_from_config
 
@@ -128,7 +128,7 @@ def measure(workdir: str, *, num_images_per_prompt: int = 4, seed: int = 1,
     }
     # One column per test image of a few combinations, held-out ones included.
     shown = [i for i in range(0, len(expected), num_images_per_prompt)][::8][:12]
-    nearest = np.repeat(np.repeat(low, model.low_res.factor, 1), model.low_res.factor, 2)
+    nearest = nearest_upsample(low, model.low_res.factor)
     rows = [nearest, outputs["bicubic"], outputs["upscaler"], outputs["upscaler_empty_prompt"],
             real]
     picture = image_grid(np.concatenate([row[shown] for row in rows]), columns=len(shown))
@@ -144,6 +144,7 @@ def main(argv):
     import jax
     from PIL import Image
 
+    from diffusion.sampling import nearest_upsample
     from train.log_setup import setup_logging
 
     setup_logging()
@@ -167,7 +168,7 @@ def main(argv):
         for path in (os.path.join(out, "upscale.png"), _PICTURE.value):
             if path:
                 # 4x nearest so 32x32 tiles are visible in a README.
-                Image.fromarray(np.repeat(np.repeat(picture, 4, 0), 4, 1)).save(path)
+                Image.fromarray(nearest_upsample(picture, 4)).save(path)
         print(json.dumps(figures))
 
 

@@ -432,3 +432,9 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
         grid[1 + r * (height + 1): 1 + r * (height + 1) + height,
              1 + c * (width + 1): 1 + c * (width + 1) + width] = image
     return grid
+
+
+def nearest_upsample(images: np.ndarray, factor: int) -> np.ndarray:
+    """[..., H, W, C] -> [..., H * factor, W * factor, C], each pixel a factor x factor block:
+    a low-resolution input shown at its output's size, or a small picture made visible."""
+    return np.repeat(np.repeat(images, factor, axis=-3), factor, axis=-2)

@@ -160,10 +160,19 @@ def denoiser_apply_fn(unet_graphdef, *, super_resolution: bool):
     Training (`train.step`) calls the UNet the same way."""
 
     def apply(params, x, t, cond):
-        unet = nnx.merge(unet_graphdef, params)
-        if super_resolution:
-            x = jnp.concatenate([x, cond["low_res"].astype(x.dtype)], axis=-1)
-            return unet(x, t, cond["hidden"], class_labels=cond["noise_level"])
-        return unet(x, t, cond["hidden"], class_labels=cond["pooled"])
+        return unet_forward(nnx.merge(unet_graphdef, params), x, t, cond,
+                            super_resolution=super_resolution)
 
     return apply
+
+
+def unet_forward(unet, x, t, cond, *, super_resolution: bool):
+    """The UNet's output for noisy input `x` at timesteps `t`: the one call of the UNet that
+    training and sampling share. A super-resolution model gets cond["low_res"] concatenated to
+    its input channels and cond["noise_level"] as `class_labels`; otherwise `class_labels` is
+    the pooled prompt (the input of a projection class embedding, ignored by a UNet without a
+    class embedding)."""
+    if super_resolution:
+        x = jnp.concatenate([x, cond["low_res"].astype(x.dtype)], axis=-1)
+        return unet(x, t, cond["hidden"], class_labels=cond["noise_level"])
+    return unet(x, t, cond["hidden"], class_labels=cond["pooled"])

@@ -11,7 +11,9 @@ from diffusion.sampling import (
     HEUN_MAX_SIGMA_RATIO,
     SOLVER_NAMES,
     dpm_grid,
+    image_grid,
     make_solver,
+    nearest_upsample,
     run_solver,
     sigma_grid,
     sigma_to_timestep,
@@ -341,3 +343,21 @@ def test_bad_solver_arguments(kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         make_solver(**arguments)
+
+
+def test_nearest_upsample_makes_blocks_and_grid_tiles_with_gaps():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
+    up = nearest_upsample(images, 2)
+    assert up.shape == (2, 6, 8, 3)
+    for r in range(3):
+        for c in range(4):
+            block = up[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2]
+            np.testing.assert_array_equal(block, np.broadcast_to(images[:, r:r + 1, c:c + 1],
+                                                                 block.shape))
+    # One image without the batch axis (a picture) is upsampled the same way.
+    np.testing.assert_array_equal(nearest_upsample(images[1], 2), up[1])
+    grid = image_grid(up, columns=2)
+    assert grid.shape == (1 + 6 + 1, 1 + 8 + 1 + 8 + 1, 3)
+    np.testing.assert_array_equal(grid[1:7, 10:18], up[1])
+    assert (grid[0] == 255).all() and (grid[:, 9] == 255).all()

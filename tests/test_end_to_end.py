@@ -4,6 +4,7 @@ restart and resume, sample; plus the CLI errors users hit first."""
 import glob
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -31,6 +32,12 @@ def run_cli(*args, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr[-4000:]}")
     return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_clis_at_once(folder, commands):
@@ -115,17 +122,23 @@ def test_cli_errors_are_clear(tmp_path):
     empty.mkdir()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n  \n")
+    # Process 1 of a 2-process run whose coordinator never comes: the config is checked before
+    # jax.distributed.initialize, so the error comes at once instead of after its timeout.
+    no_cluster = ("--coordinator_address", f"127.0.0.1:{_free_port()}", "--num_processes", "2",
+                  "--process_id", "1")
     bad_configs = (
-        ("--config.optim.learning_rat=1e-3", 'no such config field: learning_rat'),
-        ("--config.nonexistent=1", "no such config field: nonexistent"),
-        ("--config.optim.learning_rate=-1", "config.optim.learning_rate=-1.0 must be > 0"),
-        ("--config.data.source=tar", "config.data.paths is empty"),
+        (("--config.optim.learning_rat=1e-3",), 'no such config field: learning_rat'),
+        (("--config.nonexistent=1",), "no such config field: nonexistent"),
+        (("--config.optim.learning_rate=-1",), "config.optim.learning_rate=-1.0 must be > 0"),
+        (("--config.data.source=tar",), "config.data.paths is empty"),
+        (("--config.optim.ema_decay=2", *no_cluster),
+         "config.optim.ema_decay=2.0 must be in [0, 1]"),
     )
     logs = tmp_path / "logs"
     logs.mkdir()
     *bad_runs, missing, no_prompts = run_clis_at_once(logs, [
-        *(("train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / f"w{index}"), flag)
-          for index, (flag, _) in enumerate(bad_configs)),
+        *(("train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / f"w{index}"),
+           *flags) for index, (flags, _) in enumerate(bad_configs)),
         ("sample", "--workdir", str(empty), "--prompt", "x", "--out", str(tmp_path / "o1")),
         ("sample", "--workdir", str(empty), "--prompts_file", str(prompts), "--out",
          str(tmp_path / "o2")),

@@ -59,6 +59,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
+    # Config errors first, before the devices, the cluster and the training modules start.
+    from train.config_check import resolve_and_validate
+
+    resolve_and_validate(config)
     user_split = "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
     apply_cpu_devices_flag(_CPU_DEVICES.value, config.train.global_batch_size)
     # Before anything else touches the JAX backend.

@@ -51,6 +51,23 @@ def _probability(field: str, value) -> None:
         raise ConfigError(f"config.{field}={value!r} must be in [0, 1]")
 
 
+def resolve_and_validate(
+    config: ml_collections.ConfigDict,
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """(the config with `model.pretrained`'s fields taken from its directory, lines saying what
+    was taken), checked by `validate_config`. Reads the directory's JSON configs only, touches
+    no JAX backend: `python -m train` calls it before anything starts, so a bad value is a
+    one-line error in about a second, not after the devices, the cluster and the data."""
+    from models.pretrained import PretrainedError, resolve_pretrained_config
+
+    try:
+        config, taken = resolve_pretrained_config(config)
+    except PretrainedError as error:
+        raise ConfigError(str(error)) from error
+    validate_config(config)
+    return config, taken
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError on the first field that cannot work."""
     for section in ("data", "model", "diffusion", "optim", "train", "sample", "mesh"):

@@ -18,11 +18,16 @@ from diffusion.low_res import (
     low_res_from_config,
     with_low_res_inputs,
 )
-from diffusion.sampling import image_grid, make_denoise_fn, make_solver, to_uint8
+from diffusion.sampling import (
+    image_grid,
+    make_denoise_fn,
+    make_solver,
+    nearest_upsample,
+    to_uint8,
+)
 from models.factory import abstract_trainable_unet, denoiser_apply_fn
-from models.pretrained import PretrainedError, resolve_pretrained_config
 from train import checkpoint, lock, mfu
-from train.config_check import ConfigError, validate_config
+from train.config_check import ConfigError, resolve_and_validate
 from train.metrics import MetricWriter
 from train.preemption import PreemptionWatch
 from train.setup import build_run
@@ -119,13 +124,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     With `model.pretrained` the model and diffusion fields are taken from that directory
     first (logged); the checkpoints store the resolved config.
     """
-    try:
-        config, taken = resolve_pretrained_config(config)
-    except PretrainedError as error:
-        raise ConfigError(str(error)) from error
+    config, taken = resolve_and_validate(config)
     for line in taken:
         logging.info("pretrained: %s", line)
-    validate_config(config)
     workdir = checkpoint.workdir_path(workdir)
     if dry_run:
         return _run(config, workdir, dry_run=True, preemption=None)
@@ -400,7 +401,7 @@ def _make_sample_grid_fn(config, unet_graphdef, schedule, tokenizer, encode_text
             unet_params(ema_params), *frozen, encode(text_params, preview["input_ids"]),
             encode(text_params, empty[:shown]), seeds[:shown], indices[:shown], scales[:shown],
             low, np.full((shown,), noise_level, np.int32)))
-        up = np.repeat(np.repeat(to_uint8(low), low_res.factor, 1), low_res.factor, 2)
+        up = nearest_upsample(to_uint8(low), low_res.factor)
         return image_grid(np.concatenate([up, images, real]), columns=shown)
 
     return grid

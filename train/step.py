@@ -10,6 +10,7 @@ from diffusion.loss import diffusion_loss, offset_noise
 from diffusion.low_res import LowResConditioning, training_low_res
 from diffusion.parameterization import add_noise
 from diffusion.timestep_sampling import sample_timesteps
+from models.factory import unet_forward
 from train.state import TrainState, ema_decay_at, ema_update
 
 
@@ -78,12 +79,10 @@ def make_train_step(
         # LoRA: `params` are the adapters, `unet_base` the frozen UNet weights (a step input).
         unet = nnx.merge(unet_graphdef, params) if unet_base is None else nnx.merge(
             unet_graphdef, jax.lax.stop_gradient(unet_base), params)
+        cond = {"hidden": hidden, "pooled": pooled}
         if low:  # super-resolution: (low-res input channels, noise levels)
-            low_input, noise_level = low
-            prediction = unet(jnp.concatenate([noisy, low_input.astype(noisy.dtype)], axis=-1),
-                              timesteps, hidden, class_labels=noise_level)
-        else:
-            prediction = unet(noisy, timesteps, hidden, class_labels=pooled)
+            cond["low_res"], cond["noise_level"] = low
+        prediction = unet_forward(unet, noisy, timesteps, cond, super_resolution=bool(low))
         loss, _ = diffusion_loss(
             diffusion.prediction_type, schedule, prediction, images, noise, timesteps,
             weighting=diffusion.loss_weighting, min_snr_gamma=diffusion.min_snr_gamma,
