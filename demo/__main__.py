@@ -13,6 +13,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train import distributed, host_devices
 from train.distributed import define_distributed_flags, initialize
 from train.host_devices import apply_cpu_devices_flag, define_cpu_devices_flag
 
@@ -24,6 +25,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/t2i_demo", "Where data, checkpoi
 _IMAGES = flags.DEFINE_integer("num_images_per_prompt", 4, "Samples per evaluated prompt.")
 _CPU_DEVICES = define_cpu_devices_flag()
 _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
+# Listed by --help with this module's own flags (absl shows only the main module's by default).
+flags.adopt_module_key_flags(distributed)
+flags.adopt_module_key_flags(host_devices)
 
 
 def run_demo(config, workdir: str, *, num_images_per_prompt: int = 4,

@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train import distributed, host_devices
 from train.distributed import define_distributed_flags, initialize
 from train.host_devices import apply_cpu_devices_flag, define_cpu_devices_flag
 
@@ -43,6 +44,9 @@ _STEPS = flags.DEFINE_integer("steps", None, "Solver steps (default: the checkpo
 _PICTURE = flags.DEFINE_string("picture", None, "Also write the picture here (e.g. docs/...).")
 _CPU_DEVICES = define_cpu_devices_flag()
 _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
+# Listed by --help with this module's own flags (absl shows only the main module's by default).
+flags.adopt_module_key_flags(distributed)
+flags.adopt_module_key_flags(host_devices)
 
 
 def real_test_images(combos, num_images: int, image_size: int, seed: int) -> np.ndarray:

@@ -19,6 +19,7 @@ import sys
 from absl import app, flags
 
 from diffusion.names import SOLVER_NAMES, TIMESTEP_SPACINGS
+from train import distributed, host_devices
 from train.distributed import define_distributed_flags, initialize
 from train.host_devices import apply_cpu_devices_flag, define_cpu_devices_flag
 
@@ -65,6 +66,9 @@ _UPSCALER_STEP = flags.DEFINE_integer("upscaler_step", None,
 flags.mark_flags_as_required(["workdir", "out"])
 _CPU_DEVICES = define_cpu_devices_flag()
 _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
+# Listed by --help with this module's own flags (absl shows only the main module's by default).
+flags.adopt_module_key_flags(distributed)
+flags.adopt_module_key_flags(host_devices)
 
 
 def main(argv):

@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train import distributed, host_devices
 from train.distributed import define_distributed_flags, initialize
 from train.host_devices import (
     apply_cpu_devices_flag,
@@ -31,6 +32,9 @@ _DRY_RUN = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 _CPU_DEVICES = define_cpu_devices_flag()
 _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
+# Listed by --help with this module's own flags (absl shows only the main module's by default).
+flags.adopt_module_key_flags(distributed)
+flags.adopt_module_key_flags(host_devices)
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 1
