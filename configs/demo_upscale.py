@@ -1,4 +1,4 @@
-"""Demo super-resolution stage: 8x8 -> 32x32 (4x, like Stable Diffusion's x4 upscaler) on the
+r"""Demo super-resolution stage: 8x8 -> 32x32 (4x, like Stable Diffusion's x4 upscaler) on the
 built-in synthetic captioned shapes, on CPU.
 
     python -m train --config configs/demo_upscale.py --workdir /tmp/t2i_upscale

@@ -1,4 +1,4 @@
-"""Fine-tune a Stable Diffusion 1.x / 2.x pipeline (diffusers layout) on your captioned images.
+r"""Fine-tune a Stable Diffusion 1.x / 2.x pipeline (diffusers layout) on your captioned images.
 
 Launch:
     python -m data_pipeline.prepare --input my_images/ --output /data/my_shards

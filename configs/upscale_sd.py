@@ -1,4 +1,4 @@
-"""Fine-tune Stable Diffusion's x4 upscaler (a diffusers `StableDiffusionUpscalePipeline`
+r"""Fine-tune Stable Diffusion's x4 upscaler (a diffusers `StableDiffusionUpscalePipeline`
 directory, e.g. stabilityai/stable-diffusion-x4-upscaler) on your captioned images.
 
 Launch:

@@ -1,4 +1,4 @@
-"""Sample PNGs from a training workdir.
+r"""Sample PNGs from a training workdir.
 
     python -m sample --workdir DIR --prompt "a red circle in the top left" --out OUTDIR
     python -m sample --workdir DIR --prompts_file prompts.jsonl --out OUTDIR \
