@@ -1,6 +1,6 @@
 """Write a training checkpoint's UNet as a diffusers directory.
 
-    python -m export --workdir W --out DIR [--step N] [--no_ema]
+    python -m export --workdir W --out DIR [--step N] [--no_ema] [--lora]
 
 With `config.model.pretrained` (a fine-tuned diffusers pipeline) DIR is a whole pipeline that
 `StableDiffusionPipeline.from_pretrained(DIR)` loads; without it, DIR holds `unet/` only.
