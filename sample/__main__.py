@@ -71,23 +71,10 @@ flags.adopt_module_key_flags(distributed)
 flags.adopt_module_key_flags(host_devices)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    apply_cpu_devices_flag(_CPU_DEVICES.value)
-    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from sample.pipeline import (
-        load_model,
-        low_res_images,
-        options_from_config,
-        sample_cascade,
-        sample_to_dir,
-        with_lora_files,
-    )
+def _check_flags() -> None:
+    """Errors in the flags and the prompts that need no checkpoint and no device."""
     from sample.prompts import PromptDefaults, check_settings, scan_prompts
-    from train.log_setup import setup_logging
 
-    setup_logging()
     if _BATCH.value is not None and _BATCH.value < 1:
         raise ValueError(f"--batch_size must be >= 1, got {_BATCH.value}")
     if _STEPS.value is not None and _STEPS.value < 1:
@@ -111,6 +98,27 @@ def main(argv):
     if _NOISE_LEVEL.value is not None and _LOW_RES.value is None and _UPSCALER.value is None:
         raise ValueError("--noise_level applies to super-resolution sampling only (with "
                          "--low_res or --upscaler_workdir)")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # The flags and the prompts first, before the devices and the cluster start: on several
+    # hosts a bad value fails at once, not after every host has joined.
+    _check_flags()
+    apply_cpu_devices_flag(_CPU_DEVICES.value)
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from sample.pipeline import (
+        load_model,
+        low_res_images,
+        options_from_config,
+        sample_cascade,
+        sample_to_dir,
+        with_lora_files,
+    )
+    from train.log_setup import setup_logging
+
+    setup_logging()
     model = with_lora_files(
         load_model(_WORKDIR.value, _STEP.value, merge_lora=_LORA_MERGE.value), _LORA.value,
         scale=_LORA_SCALE.value, merge=_LORA_MERGE.value)

@@ -58,6 +58,11 @@ def test_bad_input_gives_one_clear_line(workdir, broken_workdir, tmp_path):
         (["--prompts_file", str(bad_json)], "bad.jsonl line 2: not valid JSON"),
         (["--prompts_file", str(tmp_path / "nope.txt")], "nope.txt does not exist"),
         (["--prompt", "a", "--step", "99"], "no checkpoint for step 99"),
+        # Process 1 of a 2-process run whose coordinator never comes: the flags are checked
+        # before jax.distributed.initialize, so the error comes at once.
+        (["--prompt", "a", "--guidance_rescale", "2", "--coordinator_address",
+          f"127.0.0.1:{_free_port()}", "--num_processes", "2", "--process_id", "1"],
+         "--guidance_rescale must be in [0, 1]"),
     ]
     for extra, message in cases:
         result = _run(_sample_cmd(workdir, out, *extra))
