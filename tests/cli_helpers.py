@@ -5,6 +5,7 @@ machine."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 
 import jax
@@ -55,6 +56,13 @@ def checkpoint_of_pretrained(config, workdir) -> None:
     params = load_unet_params(f"{config.model.pretrained}/unet", abstract,
                               tree_shardings(mesh, abstract))
     save_ema_checkpoint(workdir, config, params, step=1)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (a multi-process run's coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli_env(devices):

@@ -4,7 +4,6 @@ restart and resume, sample; plus the CLI errors users hit first."""
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.cli_helpers import free_port
 from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,12 +32,6 @@ def run_cli(*args, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr[-4000:]}")
     return result
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_clis_at_once(folder, commands):
@@ -124,7 +118,7 @@ def test_cli_errors_are_clear(tmp_path):
     prompts.write_text("\n  \n")
     # Process 1 of a 2-process run whose coordinator never comes: the config is checked before
     # jax.distributed.initialize, so the error comes at once instead of after its timeout.
-    no_cluster = ("--coordinator_address", f"127.0.0.1:{_free_port()}", "--num_processes", "2",
+    no_cluster = ("--coordinator_address", f"127.0.0.1:{free_port()}", "--num_processes", "2",
                   "--process_id", "1")
     bad_configs = (
         (("--config.optim.learning_rat=1e-3",), 'no such config field: learning_rat'),

@@ -11,7 +11,6 @@ they run programs the end-to-end and preemption tests compile too: a session com
 """
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ import pytest
 from flax import nnx
 
 from models.factory import build_unet
+from tests.cli_helpers import free_port
 from tests.xla_env import xla_flags
 from train import checkpoint
 from train.sharding import make_mesh, tree_shardings
@@ -39,12 +39,6 @@ def _env(devices: int) -> dict:
            "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     # Runs of the same program compile it once: conftest's JAX_COMPILATION_CACHE_DIR is inherited.
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _distributed_flags(port: int, count: int, index: int) -> list[str]:
@@ -75,7 +69,7 @@ def _ema(workdir, step):
 @pytest.mark.slow
 def test_two_processes_match_one_process_and_sample_in_one(tmp_path):
     multi, single = tmp_path / "two_processes", tmp_path / "one_process"
-    port = _free_port()
+    port = free_port()
     # The 1-process reference runs alongside the two processes (its own workdir, the shared
     # compilation cache): on a small machine much of their time is start-up and waiting.
     runs = [([*TRAIN, "--workdir", str(multi), *_distributed_flags(port, 2, i)], 2, f"process_{i}")
@@ -146,7 +140,7 @@ def test_explicit_multihost_flags_parse_and_dry_run(tmp_path):
     try:
         result = subprocess.run(
             [*TRAIN, "--workdir", str(workdir), "--dry_run",
-             *_distributed_flags(_free_port(), 1, 0)],
+             *_distributed_flags(free_port(), 1, 0)],
             cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=900)
         _, bad_stderr = bad.communicate(timeout=300)
     finally:

@@ -4,7 +4,6 @@ two real processes (gloo on 127.0.0.1) share a 50-line prompts file, a killed ru
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from tests.cli_helpers import cli_env
+from tests.cli_helpers import cli_env, free_port
 from tests.cli_helpers import error_line as _error_line
 from tests.cli_helpers import run_cli as _run
 from tests.cli_helpers import write_random_checkpoint as _write_checkpoint
@@ -61,7 +60,7 @@ def test_bad_input_gives_one_clear_line(workdir, broken_workdir, tmp_path):
         # Process 1 of a 2-process run whose coordinator never comes: the flags are checked
         # before jax.distributed.initialize, so the error comes at once.
         (["--prompt", "a", "--guidance_rescale", "2", "--coordinator_address",
-          f"127.0.0.1:{_free_port()}", "--num_processes", "2", "--process_id", "1"],
+          f"127.0.0.1:{free_port()}", "--num_processes", "2", "--process_id", "1"],
          "--guidance_rescale must be in [0, 1]"),
     ]
     for extra, message in cases:
@@ -71,12 +70,6 @@ def test_bad_input_gives_one_clear_line(workdir, broken_workdir, tmp_path):
     line = _error_line(result)
     assert "parameter shapes differ" in line, result.stderr[-1500:]
     assert not os.path.exists(out / "manifest.jsonl")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _manifest(out):
@@ -101,7 +94,7 @@ def _prompt_file(tmp_path, count=50):
 def test_two_processes_share_a_prompt_file_and_match_one_process(workdir, tmp_path):
     prompts, expected = _prompt_file(tmp_path)
     out = tmp_path / "two"
-    port = _free_port()
+    port = free_port()
     common = ["--prompts_file", str(prompts), "--steps", "2", "--batch_size", "4",
               "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2"]
     procs = [subprocess.Popen(_sample_cmd(workdir, out, *common, "--process_id", str(i)),
