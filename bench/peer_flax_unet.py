@@ -9,18 +9,28 @@ our optimizer's settings, EMA, the batch split over all devices and the state re
 Protocol (so that the parent can interleave its own timing rounds with the peer's and a shared
 machine's load falls on both sides alike): after compiling and two warm-up steps it prints one
 JSON line describing the step; then for every line "N" on stdin it runs N steps and prints
-{"step_s": ..., "core_s": ...} (wall and process CPU seconds per step); it exits at the end of
-stdin.
+{"step_s": ..., "core_s": ..., "faults": ...} (wall and process CPU seconds and minor page
+faults per step); it exits at the end of stdin.
 """
 
 import json
+import os
+import resource
 import sys
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
     spec = json.loads(sys.argv[1])
-    # XLA_FLAGS (the CPU device split) come from the parent's environment.
+    # XLA_FLAGS (the CPU device split) come from the parent's environment; the host memory
+    # setting is the project's own function, applied as our side applies it.
+    if spec.get("reuse_host_memory"):
+        sys.path.insert(0, ROOT)
+        from train.host_devices import reuse_host_memory
+
+        reuse_host_memory()
     import diffusers
     import jax
     import jax.numpy as jnp
@@ -90,11 +100,14 @@ def main():
     for line in sys.stdin:
         steps = int(line)
         start, start_cpu = time.perf_counter(), time.process_time()
+        start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(steps):
             state, loss = compiled(state, images, context)
         jax.block_until_ready(loss)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults
         print(json.dumps({"step_s": (time.perf_counter() - start) / steps,
-                          "core_s": (time.process_time() - start_cpu) / steps}), flush=True)
+                          "core_s": (time.process_time() - start_cpu) / steps,
+                          "faults": faults / steps}), flush=True)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,15 @@ def main():
                         help="Score demo adherence (auto: when the model is a demo model).")
     parser.add_argument("--host_devices", type=int, default=-1,
                         help="CPU: one XLA device per core (-1), XLA's default (0) or N.")
+    parser.add_argument("--reuse_host_memory", action=argparse.BooleanOptionalAction,
+                        default=True, help="CPU: keep freed host memory for reuse, as the CLIs.")
     args = parser.parse_args()
 
-    from train.host_devices import apply_cpu_devices_flag
+    from train.host_devices import apply_cpu_devices_flag, reuse_host_memory
 
     apply_cpu_devices_flag(args.host_devices)  # before anything imports jax
+    if args.reuse_host_memory:
+        reuse_host_memory()
     runs = parse_runs(args.runs)
 
     from data_pipeline.input_pipeline import held_out_combinations

@@ -12,8 +12,11 @@ busy shared machine weighs on both), `mfu` (over the device's bf16 table peak, a
 only) and `peak_memory_mb` (per device: the allocator's peak where the backend reports one,
 else the compiled step's own figure).
 
-On CPU the host is split into one single-threaded XLA device per core, as the CLIs do by
-default (`--host_devices 0` leaves XLA's defaults); the peer runs with the same split.
+On CPU the host is split into one single-threaded XLA device per core and glibc keeps freed
+memory for reuse, as the CLIs do by default (`--host_devices 0` leaves XLA's defaults,
+`--no-reuse_host_memory` glibc's); the peer runs with the same settings.
+`page_faults_per_step` counts the minor page faults of a step (fresh pages the kernel maps
+and zeroes).
 
 `--peer` runs the same step for diffusers 0.35.2's `FlaxUNet2DConditionModel` (the last
 diffusers with Flax) at the identical UNet architecture, batch and resolution, in a subprocess
@@ -31,6 +34,7 @@ import ast
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -187,14 +191,19 @@ class PeerProcess:
 
 
 def peer_spec(unet_kwargs: dict, optim, *, batch_size: int, image_size: int,
-              context_tokens: int) -> dict:
+              context_tokens: int, reuse_host_memory: bool) -> dict:
     return {"unet": unet_kwargs, "batch_size": batch_size, "image_size": image_size,
-            "context_tokens": context_tokens,
+            "context_tokens": context_tokens, "reuse_host_memory": reuse_host_memory,
             # Our optimizer's settings (clip + AdamW + EMA); the schedule costs nothing.
             "optim": {"learning_rate": float(optim.learning_rate), "b1": float(optim.b1),
                       "b2": float(optim.b2), "weight_decay": float(optim.weight_decay),
                       "grad_clip_norm": float(optim.grad_clip_norm),
                       "ema_decay": float(optim.ema_decay)}}
+
+
+def minor_page_faults() -> int:
+    """This process's minor page faults so far (pages the kernel mapped in fresh)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def median(values):
@@ -238,6 +247,10 @@ def main():
                         help="CPU only: split the host into this many single-threaded XLA "
                              "devices (-1: one per core, as the CLIs; 0: XLA's defaults); the "
                              "peer runs with the same split")
+    parser.add_argument("--reuse_host_memory", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="CPU only: keep freed host memory for reuse, as the CLIs' "
+                             "--reuse_host_memory (default); the peer gets the same")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set model.unet.patch_size=1 "
                              "(a Python literal, else a string); repeatable")
@@ -260,8 +273,14 @@ def main():
         apply_override(config, override)
     batch_size = args.batch_size or config.train.global_batch_size
 
-    # Before any JAX backend starts: as the CLIs' --cpu_devices. The peer inherits it.
+    # Before any JAX backend starts: as the CLIs' --cpu_devices and --reuse_host_memory. The
+    # peer inherits the split and applies the same memory setting.
     split_cpu_before_backend_starts(args.host_devices, batch_size)
+    reuse_memory = False
+    if args.reuse_host_memory:
+        from train.host_devices import reuse_host_memory
+
+        reuse_memory = reuse_host_memory()
 
     peer = None
     if args.peer:
@@ -270,9 +289,11 @@ def main():
         # Started first: it compiles while ours does.
         peer = PeerProcess(python, peer_spec(
             peer_kwargs, config.optim, batch_size=batch_size, image_size=config.data.image_size,
-            context_tokens=config.model.text_encoder.max_length))
+            context_tokens=config.model.text_encoder.max_length,
+            reuse_host_memory=args.reuse_host_memory))
     try:
         result = run_bench(args, config, batch_size, peer_size, peer)
+        result["reuse_host_memory"] = reuse_memory
     finally:
         if peer is not None:
             peer.close()
@@ -324,15 +345,18 @@ def run_bench(args, config, batch_size: int, peer_size: bool, peer) -> dict:
     rounds = []
     for _ in range(args.rounds):
         start, start_cpu = time.perf_counter(), time.process_time()
+        start_faults = minor_page_faults()
         for _ in range(args.steps):
             state, metrics = run.compiled_step(state, run.text_params, batch)
         jax.block_until_ready(metrics)
         figures = {"step_s": (time.perf_counter() - start) / args.steps,
-                   "core_s": (time.process_time() - start_cpu) / args.steps}
+                   "core_s": (time.process_time() - start_cpu) / args.steps,
+                   "faults": (minor_page_faults() - start_faults) / args.steps}
         if peer is not None:
             peer_figures = peer.time_steps(args.steps)
             figures["peer_step_s"] = peer_figures["step_s"]
             figures["peer_core_s"] = peer_figures["core_s"]
+            figures["peer_faults"] = peer_figures["faults"]
         figures["matmul_peak"] = measured_matmul_peak(devices=devices) * len(devices)
         rounds.append(figures)
     if not np.isfinite(float(metrics["loss"])):
@@ -360,6 +384,7 @@ def run_bench(args, config, batch_size: int, peer_size: bool, peer) -> dict:
         # CPU seconds of all cores per step: the work done, which load from other processes
         # on a shared machine barely changes (on accelerators: host time only).
         "core_s_per_step": round(median([r["core_s"] for r in rounds]), 4),
+        "page_faults_per_step": round(median([r["faults"] for r in rounds])),
         "images_per_s": round(batch_size / step_s, 2),
         "gflops_per_step": round(flops / 1e9, 2),
         "achieved_gflops_per_s": round(flops / step_s / 1e9, 1),
@@ -385,6 +410,7 @@ def run_bench(args, config, batch_size: int, peer_size: bool, peer) -> dict:
             # Per-round ratios: their spread shows how much the machine's load moved.
             "peer_ratio_per_round": [round(r["peer_step_s"] / r["step_s"], 3) for r in rounds],
             "peer_core_s_per_step": round(median([r["peer_core_s"] for r in rounds]), 4),
+            "peer_page_faults_per_step": round(median([r["peer_faults"] for r in rounds])),
             "peer_core_ratio": round(median([r["peer_core_s"] for r in rounds])
                                      / median([r["core_s"] for r in rounds]), 3),
         })

@@ -6,7 +6,13 @@ import sys
 
 import pytest
 
-from train.host_devices import apply_cpu_devices_flag, auto_device_count, split_host_cpu
+from train.host_devices import (
+    accelerator_present,
+    apply_cpu_devices_flag,
+    auto_device_count,
+    reuse_host_memory,
+    split_host_cpu,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,6 +69,61 @@ def test_misuse_is_an_error():
             os.environ["XLA_FLAGS"] = saved
     with pytest.raises(ValueError, match="--cpu_devices=-3"):
         apply_cpu_devices_flag(-3)
+    if sys.platform.startswith("linux") and not accelerator_present():
+        with pytest.raises(RuntimeError, match="before jax starts a backend"):
+            reuse_host_memory()
+
+
+def test_accelerator_detection(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not accelerator_present()
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert accelerator_present()
+    # With an accelerator the allocator is left alone (even with this process's backend up).
+    assert reuse_host_memory() is False
+
+
+# Each call allocates a 64 MB output (through the same allocator as XLA's temporaries) and
+# frees it when the array is dropped; the page faults of the later calls are counted.
+_FAULTS = """
+import resource, sys
+from train.host_devices import reuse_host_memory
+print(reuse_host_memory() if sys.argv[1] == "reuse" else "off")
+import jax, jax.numpy as jnp
+x = jnp.ones((4096, 4096), jnp.float32)
+f = jax.jit(lambda x: x * 2.0)
+for _ in range(10):  # (the first few calls grow the heap to its working size)
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+def _faults_per_call(mode: str) -> tuple[str, float]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run([sys.executable, "-c", _FAULTS, mode], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120, check=True)
+    applied, faults = result.stdout.split()[-2:]
+    return applied, float(faults)
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(os, "confstr")
+                         and "glibc" in (os.confstr("CS_GNU_LIBC_VERSION") or "")),
+                    reason="the setting is glibc's")
+def test_reused_host_memory_takes_no_page_faults():
+    pages = 4096 * 4096 * 4 / os.sysconf("SC_PAGE_SIZE")
+    applied, faults = _faults_per_call("reuse")
+    assert applied == "True"
+    assert faults < 0.01 * pages, (faults, pages)
+    # glibc's default maps and unmaps every 64 MB buffer: each call faults in all its pages
+    # (unless transparent huge pages are always on, which makes the faults 512x fewer).
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as thp:
+        huge_always = "[always]" in thp.read()
+    if not huge_always:
+        assert _faults_per_call("off")[1] > 0.5 * pages
 
 
 @pytest.mark.parametrize("module", ["train", "sample", "demo", "demo.upscale"])
@@ -71,7 +132,7 @@ def test_help_lists_the_launch_flags(module):
     # and train.host_devices, and a user reading --help must still find them.
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
-    listed = {line.split(":")[0].strip() for line in result.stdout.splitlines()
+    listed = {line.split(":")[0].strip().replace("[no]", "") for line in result.stdout.splitlines()
               if line.startswith("  --")}
-    assert {"--cpu_devices", "--coordinator_address", "--num_processes",
+    assert {"--cpu_devices", "--reuse_host_memory", "--coordinator_address", "--num_processes",
             "--process_id"} <= listed, result.stdout[-2000:]
