@@ -14,23 +14,15 @@ faults per step); it exits at the end of stdin.
 """
 
 import json
-import os
 import resource
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def main():
     spec = json.loads(sys.argv[1])
-    # XLA_FLAGS (the CPU device split) come from the parent's environment; the host memory
-    # setting is the project's own function, applied as our side applies it.
-    if spec.get("reuse_host_memory"):
-        sys.path.insert(0, ROOT)
-        from train.host_devices import reuse_host_memory
-
-        reuse_host_memory()
+    # XLA_FLAGS (the CPU device split) and GLIBC_TUNABLES (huge pages) come from the parent's
+    # environment.
     import diffusers
     import jax
     import jax.numpy as jnp

@@ -38,6 +38,9 @@ def parse_runs(text: str) -> list[tuple[str, int]]:
 
 
 def main():
+    from train.host_devices import restart_with_huge_pages
+
+    restart_with_huge_pages()  # as the CLIs do, before anything starts threads
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="Training workdir with checkpoints.")
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="solver:steps,... to measure.")
@@ -54,15 +57,11 @@ def main():
                         help="Score demo adherence (auto: when the model is a demo model).")
     parser.add_argument("--host_devices", type=int, default=-1,
                         help="CPU: one XLA device per core (-1), XLA's default (0) or N.")
-    parser.add_argument("--reuse_host_memory", action=argparse.BooleanOptionalAction,
-                        default=True, help="CPU: keep freed host memory for reuse, as the CLIs.")
     args = parser.parse_args()
 
-    from train.host_devices import apply_cpu_devices_flag, reuse_host_memory
+    from train.host_devices import apply_cpu_devices_flag
 
     apply_cpu_devices_flag(args.host_devices)  # before anything imports jax
-    if args.reuse_host_memory:
-        reuse_host_memory()
     runs = parse_runs(args.runs)
 
     from data_pipeline.input_pipeline import held_out_combinations

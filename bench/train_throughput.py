@@ -12,11 +12,11 @@ busy shared machine weighs on both), `mfu` (over the device's bf16 table peak, a
 only) and `peak_memory_mb` (per device: the allocator's peak where the backend reports one,
 else the compiled step's own figure).
 
-On CPU the host is split into one single-threaded XLA device per core and glibc keeps freed
-memory for reuse, as the CLIs do by default (`--host_devices 0` leaves XLA's defaults,
-`--no-reuse_host_memory` glibc's); the peer runs with the same settings.
-`page_faults_per_step` counts the minor page faults of a step (fresh pages the kernel maps
-and zeroes).
+On CPU the host is split into one single-threaded XLA device per core and the process
+restarts itself with glibc's huge-page tunable, as the CLIs do by default (`--host_devices 0`
+leaves XLA's defaults; `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` in the environment keeps 4 KiB
+pages); the peer runs with the same settings. `page_faults_per_step` counts the minor page
+faults of a step (pages the kernel maps in and zeroes).
 
 `--peer` runs the same step for diffusers 0.35.2's `FlaxUNet2DConditionModel` (the last
 diffusers with Flax) at the identical UNet architecture, batch and resolution, in a subprocess
@@ -191,9 +191,9 @@ class PeerProcess:
 
 
 def peer_spec(unet_kwargs: dict, optim, *, batch_size: int, image_size: int,
-              context_tokens: int, reuse_host_memory: bool) -> dict:
+              context_tokens: int) -> dict:
     return {"unet": unet_kwargs, "batch_size": batch_size, "image_size": image_size,
-            "context_tokens": context_tokens, "reuse_host_memory": reuse_host_memory,
+            "context_tokens": context_tokens,
             # Our optimizer's settings (clip + AdamW + EMA); the schedule costs nothing.
             "optim": {"learning_rate": float(optim.learning_rate), "b1": float(optim.b1),
                       "b2": float(optim.b2), "weight_decay": float(optim.weight_decay),
@@ -234,6 +234,9 @@ def split_cpu_before_backend_starts(host_devices: int, batch_size: int) -> None:
 
 
 def main():
+    from train.host_devices import restart_with_huge_pages
+
+    restart_with_huge_pages()  # as the CLIs do, before anything starts threads
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None,
                         help="config file (default: configs/demo.py; with --peer alone, the "
@@ -247,10 +250,6 @@ def main():
                         help="CPU only: split the host into this many single-threaded XLA "
                              "devices (-1: one per core, as the CLIs; 0: XLA's defaults); the "
                              "peer runs with the same split")
-    parser.add_argument("--reuse_host_memory", action=argparse.BooleanOptionalAction,
-                        default=True,
-                        help="CPU only: keep freed host memory for reuse, as the CLIs' "
-                             "--reuse_host_memory (default); the peer gets the same")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set model.unet.patch_size=1 "
                              "(a Python literal, else a string); repeatable")
@@ -273,14 +272,9 @@ def main():
         apply_override(config, override)
     batch_size = args.batch_size or config.train.global_batch_size
 
-    # Before any JAX backend starts: as the CLIs' --cpu_devices and --reuse_host_memory. The
-    # peer inherits the split and applies the same memory setting.
+    # Before any JAX backend starts: as the CLIs' --cpu_devices. The peer inherits it (and
+    # GLIBC_TUNABLES).
     split_cpu_before_backend_starts(args.host_devices, batch_size)
-    reuse_memory = False
-    if args.reuse_host_memory:
-        from train.host_devices import reuse_host_memory
-
-        reuse_memory = reuse_host_memory()
 
     peer = None
     if args.peer:
@@ -289,11 +283,10 @@ def main():
         # Started first: it compiles while ours does.
         peer = PeerProcess(python, peer_spec(
             peer_kwargs, config.optim, batch_size=batch_size, image_size=config.data.image_size,
-            context_tokens=config.model.text_encoder.max_length,
-            reuse_host_memory=args.reuse_host_memory))
+            context_tokens=config.model.text_encoder.max_length))
     try:
         result = run_bench(args, config, batch_size, peer_size, peer)
-        result["reuse_host_memory"] = reuse_memory
+        result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
     finally:
         if peer is not None:
             peer.close()

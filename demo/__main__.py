@@ -15,7 +15,11 @@ from ml_collections import config_flags
 
 from train import distributed, host_devices
 from train.distributed import define_distributed_flags, initialize
-from train.host_devices import apply_cpu_host_flags, define_cpu_host_flags
+from train.host_devices import (
+    apply_cpu_devices_flag,
+    define_cpu_devices_flag,
+    restart_with_huge_pages,
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"),
@@ -23,7 +27,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/t2i_demo", "Where data, checkpoints, logs go.")
 _IMAGES = flags.DEFINE_integer("num_images_per_prompt", 4, "Samples per evaluated prompt.")
-_CPU_HOST = define_cpu_host_flags()
+_CPU_DEVICES = define_cpu_devices_flag()
 _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
 # Listed by --help with this module's own flags (absl shows only the main module's by default).
 flags.adopt_module_key_flags(distributed)
@@ -87,7 +91,7 @@ def run_demo(config, workdir: str, *, num_images_per_prompt: int = 4,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    apply_cpu_host_flags(_CPU_HOST, _CONFIG.value.train.global_batch_size)
+    apply_cpu_devices_flag(_CPU_DEVICES.value, _CONFIG.value.train.global_batch_size)
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # before JAX runs
     from train.log_setup import setup_logging
 
@@ -103,6 +107,7 @@ def main(argv):
 
 
 def run():
+    restart_with_huge_pages()
     sys.path.insert(0, os.getcwd())
     app.run(main)
 

@@ -29,7 +29,11 @@ from ml_collections import config_flags
 
 from train import distributed, host_devices
 from train.distributed import define_distributed_flags, initialize
-from train.host_devices import apply_cpu_host_flags, define_cpu_host_flags
+from train.host_devices import (
+    apply_cpu_devices_flag,
+    define_cpu_devices_flag,
+    restart_with_huge_pages,
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo_upscale.py"),
@@ -42,7 +46,7 @@ _SKIP_TRAINING = flags.DEFINE_boolean(
 _CFG = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the checkpoint config's).")
 _STEPS = flags.DEFINE_integer("steps", None, "Solver steps (default: the checkpoint config's).")
 _PICTURE = flags.DEFINE_string("picture", None, "Also write the picture here (e.g. docs/...).")
-_CPU_HOST = define_cpu_host_flags()
+_CPU_DEVICES = define_cpu_devices_flag()
 _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
 # Listed by --help with this module's own flags (absl shows only the main module's by default).
 flags.adopt_module_key_flags(distributed)
@@ -143,7 +147,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    apply_cpu_host_flags(_CPU_HOST, config.train.global_batch_size)
+    apply_cpu_devices_flag(_CPU_DEVICES.value, config.train.global_batch_size)
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax
     from PIL import Image
@@ -177,6 +181,7 @@ def main(argv):
 
 
 def run():
+    restart_with_huge_pages()
     sys.path.insert(0, os.getcwd())
     app.run(main)
 

@@ -21,7 +21,11 @@ from absl import app, flags
 from diffusion.names import SOLVER_NAMES, TIMESTEP_SPACINGS
 from train import distributed, host_devices
 from train.distributed import define_distributed_flags, initialize
-from train.host_devices import apply_cpu_host_flags, define_cpu_host_flags
+from train.host_devices import (
+    apply_cpu_devices_flag,
+    define_cpu_devices_flag,
+    restart_with_huge_pages,
+)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for PNGs, grid.png, manifest.jsonl.")
@@ -64,7 +68,7 @@ _UPSCALER = flags.DEFINE_string(
 _UPSCALER_STEP = flags.DEFINE_integer("upscaler_step", None,
                                       "Upscaler checkpoint step (default: the latest).")
 flags.mark_flags_as_required(["workdir", "out"])
-_CPU_HOST = define_cpu_host_flags()
+_CPU_DEVICES = define_cpu_devices_flag()
 _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
 # Listed by --help with this module's own flags (absl shows only the main module's by default).
 flags.adopt_module_key_flags(distributed)
@@ -106,7 +110,7 @@ def main(argv):
     # The flags and the prompts first, before the devices and the cluster start: on several
     # hosts a bad value fails at once, not after every host has joined.
     _check_flags()
-    apply_cpu_host_flags(_CPU_HOST)
+    apply_cpu_devices_flag(_CPU_DEVICES.value)
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from sample.pipeline import (
         load_model,
@@ -151,6 +155,7 @@ def main(argv):
 
 
 def run():
+    restart_with_huge_pages()
     try:
         app.run(main)
     except SystemExit:

@@ -7,15 +7,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tests.xla_env import xla_flags  # noqa: E402  (needs ROOT on the path; imports no jax)
-from train.host_devices import reuse_host_memory  # noqa: E402  (imports no jax)
 
 # Eight fake CPU devices, set before anything imports jax, so sharding code paths are real;
 # LLVM optimisation off for the tests' short-lived programs (tests/xla_env.py).
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# As the CLIs do on a CPU host (and the CLI subprocesses of the slow tests do themselves):
-# XLA's freed buffers are reused instead of faulted in afresh at every execution.
-reuse_host_memory()
 # One persistent compilation cache for the whole session, inherited by the CLI subprocesses the
 # slow tests start: the tiny config's train step is compiled by many tests and processes, and
 # XLA's cache key covers the program, the devices and the flags, so a hit is the same program.

@@ -10,7 +10,7 @@ from train.host_devices import (
     accelerator_present,
     apply_cpu_devices_flag,
     auto_device_count,
-    reuse_host_memory,
+    huge_pages_environment,
     split_host_cpu,
 )
 
@@ -69,61 +69,76 @@ def test_misuse_is_an_error():
             os.environ["XLA_FLAGS"] = saved
     with pytest.raises(ValueError, match="--cpu_devices=-3"):
         apply_cpu_devices_flag(-3)
-    if sys.platform.startswith("linux") and not accelerator_present():
-        with pytest.raises(RuntimeError, match="before jax starts a backend"):
-            reuse_host_memory()
 
 
-def test_accelerator_detection(monkeypatch):
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    assert not accelerator_present()
-    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
-    assert accelerator_present()
-    # With an accelerator the allocator is left alone (even with this process's backend up).
-    assert reuse_host_memory() is False
+def test_accelerator_detection():
+    assert not accelerator_present({"JAX_PLATFORMS": "cpu"})
+    assert accelerator_present({"JAX_PLATFORMS": "cuda,cpu"})
+    assert accelerator_present({"JAX_PLATFORMS": "tpu"})
 
 
-# Each call allocates a 64 MB output (through the same allocator as XLA's temporaries) and
-# frees it when the array is dropped; the page faults of the later calls are counted.
+def test_huge_pages_environment_is_asked_only_where_it_helps():
+    env = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=8"}
+    on = dict(glibc_version=(2, 36), thp_mode="madvise", accelerator=False)
+    restarted = huge_pages_environment(env, **on)
+    assert restarted["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=8:glibc.malloc.hugetlb=1"
+    assert restarted["PATH"] == "/bin" and env["GLIBC_TUNABLES"].count("hugetlb") == 0
+    assert huge_pages_environment({}, **on)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    # Already restarted, or the user's own setting (=0 is the opt-out): never twice.
+    assert huge_pages_environment(restarted, **on) is None
+    assert huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **on) is None
+    assert huge_pages_environment(env, **{**on, "accelerator": True}) is None
+    assert huge_pages_environment(env, **{**on, "glibc_version": (2, 34)}) is None
+    assert huge_pages_environment(env, **{**on, "glibc_version": None}) is None  # musl, macOS
+    assert huge_pages_environment(env, **{**on, "thp_mode": "never"}) is None
+    assert huge_pages_environment(env, **{**on, "thp_mode": "always"}) is None
+
+
+# A CLI-like entry point: restarts itself, then each call allocates a 64 MB output (through
+# the allocator XLA uses for its temporaries) and frees it; the later calls' page faults count.
 _FAULTS = """
-import resource, sys
-from train.host_devices import reuse_host_memory
-print(reuse_host_memory() if sys.argv[1] == "reuse" else "off")
+import os, resource, sys
+from train.host_devices import restart_with_huge_pages
+restart_with_huge_pages()
 import jax, jax.numpy as jnp
 x = jnp.ones((4096, 4096), jnp.float32)
 f = jax.jit(lambda x: x * 2.0)
-for _ in range(10):  # (the first few calls grow the heap to its working size)
+for _ in range(3):
     f(x).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
     f(x).block_until_ready()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+print(os.getpid(), os.environ.get("GLIBC_TUNABLES", "-"), faults)
 """
 
 
-def _faults_per_call(mode: str) -> tuple[str, float]:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+def _run_faults(tunables: str | None) -> tuple[str, float]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "GLIBC_TUNABLES")}
     env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run([sys.executable, "-c", _FAULTS, mode], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120, check=True)
-    applied, faults = result.stdout.split()[-2:]
-    return applied, float(faults)
+    if tunables is not None:
+        env["GLIBC_TUNABLES"] = tunables
+    process = subprocess.Popen([sys.executable, "-c", _FAULTS], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    pid, seen, faults = out.split()[-3:]
+    assert int(pid) == process.pid  # re-executed in place: the launcher's pid is the job's
+    return seen, float(faults)
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(os, "confstr")
-                         and "glibc" in (os.confstr("CS_GNU_LIBC_VERSION") or "")),
-                    reason="the setting is glibc's")
-def test_reused_host_memory_takes_no_page_faults():
+@pytest.mark.skipif(huge_pages_environment({}, accelerator=False) is None,
+                    reason="needs glibc >= 2.35 and transparent huge pages on madvise")
+def test_cli_restart_takes_huge_pages():
     pages = 4096 * 4096 * 4 / os.sysconf("SC_PAGE_SIZE")
-    applied, faults = _faults_per_call("reuse")
-    assert applied == "True"
-    assert faults < 0.01 * pages, (faults, pages)
-    # glibc's default maps and unmaps every 64 MB buffer: each call faults in all its pages
-    # (unless transparent huge pages are always on, which makes the faults 512x fewer).
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as thp:
-        huge_always = "[always]" in thp.read()
-    if not huge_always:
-        assert _faults_per_call("off")[1] > 0.5 * pages
+    seen, faults = _run_faults(None)
+    assert seen == "glibc.malloc.hugetlb=1"
+    assert faults < 0.05 * pages, (faults, pages)  # 2 MiB pages: 512x fewer faults
+    # The opt-out: glibc's 4 KiB pages, every page of every call faulted in again.
+    seen, faults = _run_faults("glibc.malloc.hugetlb=0")
+    assert seen == "glibc.malloc.hugetlb=0"
+    assert faults > 0.5 * pages, (faults, pages)
 
 
 @pytest.mark.parametrize("module", ["train", "sample", "demo", "demo.upscale"])
@@ -132,7 +147,7 @@ def test_help_lists_the_launch_flags(module):
     # and train.host_devices, and a user reading --help must still find them.
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
-    listed = {line.split(":")[0].strip().replace("[no]", "") for line in result.stdout.splitlines()
+    listed = {line.split(":")[0].strip() for line in result.stdout.splitlines()
               if line.startswith("  --")}
-    assert {"--cpu_devices", "--reuse_host_memory", "--coordinator_address", "--num_processes",
+    assert {"--cpu_devices", "--coordinator_address", "--num_processes",
             "--process_id"} <= listed, result.stdout[-2000:]

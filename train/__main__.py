@@ -16,9 +16,10 @@ from ml_collections import config_flags
 from train import distributed, host_devices
 from train.distributed import define_distributed_flags, initialize
 from train.host_devices import (
-    apply_cpu_host_flags,
+    apply_cpu_devices_flag,
     auto_device_count,
-    define_cpu_host_flags,
+    define_cpu_devices_flag,
+    restart_with_huge_pages,
 )
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,7 +31,7 @@ _WORKDIR = flags.DEFINE_string(
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Validate config, mesh and data, compile, print the plan, exit.")
 flags.mark_flags_as_required(["config", "workdir"])
-_CPU_HOST = define_cpu_host_flags()
+_CPU_DEVICES = define_cpu_devices_flag()
 _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = define_distributed_flags()
 # Listed by --help with this module's own flags (absl shows only the main module's by default).
 flags.adopt_module_key_flags(distributed)
@@ -68,7 +69,7 @@ def main(argv):
 
     resolve_and_validate(config)
     user_split = "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
-    apply_cpu_host_flags(_CPU_HOST, config.train.global_batch_size)
+    apply_cpu_devices_flag(_CPU_DEVICES.value, config.train.global_batch_size)
     # Before anything else touches the JAX backend.
     try:
         initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -80,7 +81,7 @@ def main(argv):
     from train.loop import format_plan, train_and_evaluate
 
     setup_logging()
-    _check_cpu_split(_CPU_HOST.cpu_devices.value, config.train.global_batch_size, user_split)
+    _check_cpu_split(_CPU_DEVICES.value, config.train.global_batch_size, user_split)
     logging.info("JAX devices: %d (%s), processes: %d", jax.device_count(),
                  jax.default_backend(), jax.process_count())
     if _DRY_RUN.value:
@@ -125,6 +126,8 @@ def _parse_flags(argv):
 
 
 def run(argv=None):
+    if argv is None:  # launched as a command (not called with its own arguments)
+        restart_with_huge_pages()
     sys.path.insert(0, os.getcwd())  # `configs.*` imports resolve from the launch directory
     try:
         app.run(main, argv=argv, flags_parser=_parse_flags)

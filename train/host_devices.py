@@ -1,7 +1,7 @@
-"""CPU-only hosts: one XLA device per core, and freed host memory kept for reuse.
+"""CPU-only hosts: one XLA device per core, and huge pages for XLA's large host buffers.
 
-Both must be set before jax starts its first backend, which is why this module imports
-nothing from jax.
+Both must be set before jax starts its first backend (the second before the process starts),
+which is why this module imports nothing from jax.
 
 Devices. One multi-threaded XLA CPU device runs the demo UNet's small convolutions poorly in
 parallel; one single-threaded device per core, with the batch split over a `data` mesh, is
@@ -10,18 +10,17 @@ flags only touch XLA's CPU backend, so a GPU or TPU run is unaffected.
 
 Memory. XLA's CPU runtime allocates each execution's temporary buffers (843 MB per device
 for the peer-size UNet's train step) with malloc and frees them when the step ends. glibc
-serves such large requests with fresh mmap()s and unmaps them on free, so every step
-faults in and zeroes every page again: 412,000 page faults and a quarter of the CPU time of
-that step. `reuse_host_memory` makes glibc keep freed memory in the process (one arena,
-no mmap, no trimming), after which a step faults in nothing (`bench/train_throughput.py
---no-reuse_host_memory` shows the difference).
+serves such large requests with fresh mmap()s and unmaps them on free, so every step the
+kernel maps and zeroes every page again, 4 KiB at a time: 412,000 page faults and a quarter
+of that step's CPU time. With glibc's `glibc.malloc.hugetlb=1` tunable those mappings use
+transparent huge pages (2 MiB), 300x fewer faults, and the step runs 1.3x faster. Tunables
+are read when a process starts, so `restart_with_huge_pages` re-executes the CLI once with
+the tunable set (docs/performance.md).
 """
 
-import ctypes
 import glob
 import os
 import sys
-from typing import NamedTuple
 
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
 _EIGEN_FLAG = "--xla_cpu_multi_thread_eigen"
@@ -45,35 +44,6 @@ def define_cpu_devices_flag():
         "CPU-only hosts: split the CPU into this many single-threaded XLA devices for data "
         "parallelism (-1: one per core; 0: leave XLA's defaults). Ignored when XLA_FLAGS "
         "already sets a device count; no effect on GPU/TPU.")
-
-
-def define_reuse_host_memory_flag():
-    """The CLIs' shared --reuse_host_memory absl flag."""
-    from absl import flags
-
-    return flags.DEFINE_bool(
-        "reuse_host_memory", True,
-        "CPU-only Linux hosts: keep the memory XLA frees after each step in the process, so "
-        "that the next step's temporary buffers reuse it instead of faulting in fresh pages "
-        "(about 1.3x faster CPU training steps; the process keeps its peak memory). No effect "
-        "when an accelerator is present or the C library is not glibc.")
-
-
-class CpuHostFlags(NamedTuple):
-    cpu_devices: object  # absl FlagHolder[int]
-    reuse_host_memory: object  # absl FlagHolder[bool]
-
-
-def define_cpu_host_flags() -> CpuHostFlags:
-    """--cpu_devices and --reuse_host_memory, for a CLI to apply with apply_cpu_host_flags."""
-    return CpuHostFlags(define_cpu_devices_flag(), define_reuse_host_memory_flag())
-
-
-def apply_cpu_host_flags(host_flags: CpuHostFlags, global_batch_size: int | None = None):
-    """Both CPU-host settings; call before anything starts a JAX backend."""
-    apply_cpu_devices_flag(host_flags.cpu_devices.value, global_batch_size)
-    if host_flags.reuse_host_memory.value:
-        reuse_host_memory()
 
 
 def apply_cpu_devices_flag(value: int, global_batch_size: int | None = None) -> str | None:
@@ -115,45 +85,75 @@ def split_host_cpu(num_devices: int) -> str | None:
     return added
 
 
-# glibc's mallopt(3) parameters.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+_THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 # Device nodes of the accelerators JAX runs on: NVIDIA, AMD (ROCm), TPU (v4: accel, v5+: vfio).
 _ACCELERATOR_NODES = ("/dev/nvidiactl", "/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*",
                       "/dev/vfio/[0-9]*")
 
 
-def accelerator_present() -> bool:
+def accelerator_present(environ=None) -> bool:
     """Whether JAX will run on something other than the CPU here: JAX_PLATFORMS when it is set,
     else the presence of a GPU's or TPU's device node."""
-    platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    environ = os.environ if environ is None else environ
+    platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
     if platforms:
         return any(p != "cpu" for p in platforms)
     return any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
 
 
-def reuse_host_memory() -> bool:
-    """Make glibc malloc keep freed memory in the process; True if it was set.
-
-    One arena (glibc serves large requests of threads other than the main one from mmap()
-    whatever the other settings), no mmap for large requests, no trimming: the freed
-    temporary buffers of one XLA execution are reused by the next one without page faults.
-    The process keeps its peak memory until it exits. Does nothing (False) off Linux, with
-    another C library, or when an accelerator is present (XLA's big buffers then live on the
-    device, and the host's many input threads are better served by glibc's default arenas).
-    Raises if a backend has started: XLA's threads have their arenas by then.
-    """
-    if not sys.platform.startswith("linux") or accelerator_present():
-        return False
+def _glibc_version() -> tuple[int, int] | None:
     try:
-        libc = ctypes.CDLL(None)
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
+    except (AttributeError, OSError, ValueError, TypeError):
+        return None
+
+
+def _thp_mode() -> str | None:
+    """The selected transparent huge page mode ("always", "madvise", "never"), if known."""
+    try:
+        with open(_THP_MODE_FILE) as f:
+            text = f.read()
     except OSError:
-        return False
-    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
-        return False
-    if _backend_started():
-        raise RuntimeError("reuse_host_memory must run before jax starts a backend")
-    mallopt = libc.mallopt
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # -1 as the trim threshold disables trimming (mallopt(3)).
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
+def huge_pages_environment(environ=None, *, glibc_version="auto", thp_mode="auto",
+                           accelerator="auto") -> dict | None:
+    """The environment to restart a CPU-host process with (GLIBC_TUNABLES plus
+    glibc.malloc.hugetlb=1), or None where that would change nothing or is not wanted:
+
+    - an accelerator is present (XLA's large buffers then live on the device);
+    - not glibc >= 2.35 (the first with the tunable), e.g. macOS or musl;
+    - transparent huge pages are "never" (nothing to ask for) or "always" (the kernel already
+      backs large mappings with them);
+    - GLIBC_TUNABLES already sets glibc.malloc.hugetlb: the user's choice, and the way to opt
+      out (`GLIBC_TUNABLES=glibc.malloc.hugetlb=0`); also the mark of a restarted process.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    glibc_version = _glibc_version() if glibc_version == "auto" else glibc_version
+    thp_mode = _thp_mode() if thp_mode == "auto" else thp_mode
+    accelerator = accelerator_present(environ) if accelerator == "auto" else accelerator
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if (accelerator or glibc_version is None or glibc_version < (2, 35)
+            or thp_mode != "madvise" or f"{HUGE_PAGES_TUNABLE}=" in tunables):
+        return None
+    environ["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, f"{HUGE_PAGES_TUNABLE}=1") if t)
+    return environ
+
+
+def restart_with_huge_pages() -> None:
+    """Re-execute this CLI process (same pid, arguments and environment, plus the glibc tunable)
+    when huge_pages_environment says so; otherwise return. Call it first in a CLI's entry
+    point, before anything starts threads or a JAX backend."""
+    environ = huge_pages_environment()
+    if environ is None or not sys.platform.startswith("linux"):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
