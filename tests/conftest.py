@@ -7,11 +7,18 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tests.xla_env import xla_flags  # noqa: E402  (needs ROOT on the path; imports no jax)
+from train.host_devices import huge_pages_environment  # noqa: E402  (imports no jax)
 
 # Eight fake CPU devices, set before anything imports jax, so sharding code paths are real;
 # LLVM optimisation off for the tests' short-lived programs (tests/xla_env.py).
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Huge pages for XLA's large host buffers, as the CLIs run (train/host_devices.py): glibc reads
+# the tunable when a process starts, so it reaches pytest-xdist's workers (started after this
+# file loads) and the CLI subprocesses, which then need no restart of their own.
+_HUGE_PAGES = huge_pages_environment()
+if _HUGE_PAGES is not None:
+    os.environ["GLIBC_TUNABLES"] = _HUGE_PAGES["GLIBC_TUNABLES"]
 # One persistent compilation cache for the whole session, inherited by the CLI subprocesses the
 # slow tests start: the tiny config's train step is compiled by many tests and processes, and
 # XLA's cache key covers the program, the devices and the flags, so a hit is the same program.

@@ -151,3 +151,24 @@ def test_help_lists_the_launch_flags(module):
               if line.startswith("  --")}
     assert {"--cpu_devices", "--coordinator_address", "--num_processes",
             "--process_id"} <= listed, result.stdout[-2000:]
+
+
+@pytest.mark.skipif(huge_pages_environment({}, accelerator=False) is None,
+                    reason="needs glibc >= 2.35 and transparent huge pages on madvise")
+@pytest.mark.parametrize("module", ["train", "sample", "demo", "demo.upscale"])
+def test_clis_restart_once_with_huge_pages(module):
+    # -X importtime logs every import to stderr, in the restarted process too (the interpreter
+    # options are part of the command line it re-executes): a restart imports the CLI twice.
+    def imports_of_the_cli(tunables):
+        env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAX_PLATFORMS")}
+        env["JAX_PLATFORMS"] = "cpu"
+        if tunables:
+            env["GLIBC_TUNABLES"] = tunables
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert "--cpu_devices" in result.stdout, result.stderr[-2000:]
+        return sum(line.rstrip().endswith("| train.host_devices")
+                   for line in result.stderr.splitlines())
+
+    assert imports_of_the_cli(None) == 2
+    assert imports_of_the_cli("glibc.malloc.hugetlb=0") == 1  # the opt-out: no restart
