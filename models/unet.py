@@ -43,7 +43,7 @@ def _conv_or_dot(lhs, rhs, window_strides, padding, *, lhs_dilation, rhs_dilatio
     """`lax.conv_general_dilated`, with an unstrided, unpadded 1x1 kernel done as a dot.
 
     XLA CPU runs a 1x1 convolution's weight gradient as a convolution over transposed
-    activations; as a dot it is a plain matrix product (docs/notes_speed.md)."""
+    activations; as a dot it is a plain matrix product (docs/performance.md)."""
     pointwise = (rhs.shape[:-2] == (1, 1) and feature_group_count == 1
                  and set(window_strides) == {1} and set(lhs_dilation) == {1}
                  and all(tuple(pad) == (0, 0) for pad in padding)
@@ -239,7 +239,7 @@ def dot_product_attention(query, key, value):
 # them in a tokens-major layout; at 16x16 resolution that made the attention backward a sixth
 # of the peer-size UNet's step. Keeping the probabilities from the forward pass and writing the
 # gradient out (dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O))) takes 3.7x less time on
-# this block (docs/notes_speed.md).
+# this block (docs/performance.md).
 @jax.custom_vjp
 def _heads_major_attention(query, key, value):
     return _heads_major_attention_fwd(query, key, value)[0]

@@ -13,7 +13,7 @@ for the peer-size UNet's train step) with malloc and frees them when the step en
 serves such large requests with fresh mmap()s and unmaps them on free, so every step the
 kernel maps and zeroes every page again, 4 KiB at a time: 412,000 page faults and a quarter
 of that step's CPU time. With glibc's `glibc.malloc.hugetlb=1` tunable those mappings use
-transparent huge pages (2 MiB), 300x fewer faults, and the step runs 1.3x faster. Tunables
+transparent huge pages (2 MiB), 265x fewer faults, and the step runs 1.3x faster. Tunables
 are read when a process starts, so `restart_with_huge_pages` re-executes the CLI once with
 the tunable set (docs/performance.md).
 """
@@ -83,7 +83,6 @@ def split_host_cpu(num_devices: int) -> str | None:
         added += f" {_EIGEN_FLAG}=false"
     os.environ["XLA_FLAGS"] = f"{flags} {added}".strip()
     return added
-
 
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
