@@ -113,13 +113,24 @@ print(os.getpid(), os.environ.get("GLIBC_TUNABLES", "-"), faults)
 """
 
 
-def _run_faults(tunables: str | None) -> tuple[str, float]:
+CLIS = ["train", "sample", "demo", "demo.upscale"]
+needs_huge_pages = pytest.mark.skipif(
+    huge_pages_environment({}, accelerator=False) is None,
+    reason="needs glibc >= 2.35 and transparent huge pages on madvise")
+
+
+def _cpu_env(tunables: str | None) -> dict:
+    """This environment for a CPU-only child, with GLIBC_TUNABLES as given (None: unset)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "GLIBC_TUNABLES")}
     env["JAX_PLATFORMS"] = "cpu"
     if tunables is not None:
         env["GLIBC_TUNABLES"] = tunables
-    process = subprocess.Popen([sys.executable, "-c", _FAULTS], cwd=ROOT, env=env,
+    return env
+
+
+def _run_faults(tunables: str | None) -> tuple[str, float]:
+    process = subprocess.Popen([sys.executable, "-c", _FAULTS], cwd=ROOT, env=_cpu_env(tunables),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-2000:]
@@ -128,8 +139,7 @@ def _run_faults(tunables: str | None) -> tuple[str, float]:
     return seen, float(faults)
 
 
-@pytest.mark.skipif(huge_pages_environment({}, accelerator=False) is None,
-                    reason="needs glibc >= 2.35 and transparent huge pages on madvise")
+@needs_huge_pages
 def test_cli_restart_takes_huge_pages():
     pages = 4096 * 4096 * 4 / os.sysconf("SC_PAGE_SIZE")
     seen, faults = _run_faults(None)
@@ -141,7 +151,7 @@ def test_cli_restart_takes_huge_pages():
     assert faults > 0.5 * pages, (faults, pages)
 
 
-@pytest.mark.parametrize("module", ["train", "sample", "demo", "demo.upscale"])
+@pytest.mark.parametrize("module", CLIS)
 def test_help_lists_the_launch_flags(module):
     # absl's --help shows the main module's flags only; the launch flags live in train.distributed
     # and train.host_devices, and a user reading --help must still find them.
@@ -153,19 +163,15 @@ def test_help_lists_the_launch_flags(module):
             "--process_id"} <= listed, result.stdout[-2000:]
 
 
-@pytest.mark.skipif(huge_pages_environment({}, accelerator=False) is None,
-                    reason="needs glibc >= 2.35 and transparent huge pages on madvise")
-@pytest.mark.parametrize("module", ["train", "sample", "demo", "demo.upscale"])
+@needs_huge_pages
+@pytest.mark.parametrize("module", CLIS)
 def test_clis_restart_once_with_huge_pages(module):
     # -X importtime logs every import to stderr, in the restarted process too (the interpreter
     # options are part of the command line it re-executes): a restart imports the CLI twice.
     def imports_of_the_cli(tunables):
-        env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAX_PLATFORMS")}
-        env["JAX_PLATFORMS"] = "cpu"
-        if tunables:
-            env["GLIBC_TUNABLES"] = tunables
         result = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                                cwd=ROOT, env=_cpu_env(tunables), capture_output=True, text=True,
+                                timeout=120)
         assert "--cpu_devices" in result.stdout, result.stderr[-2000:]
         return sum(line.rstrip().endswith("| train.host_devices")
                    for line in result.stderr.splitlines())
