@@ -14,7 +14,8 @@ device (the peer-size UNet's unless --config names another), and each distinct s
 forward and forward + backward (input and weight gradients), XLA's `conv_general_dilated`
 against a Winograd version written in jax.numpy, CPU seconds, median of --runs. One JSON line
 per shape, then one with the totals over every convolution of the forward pass (each shape
-weighted by how often it occurs) and the largest relative error of the Winograd outputs and
+weighted by how often it occurs), the same for the Winograd products alone (the ceiling if
+the transforms cost nothing), and the largest relative error of the Winograd outputs and
 gradients against XLA's.
 """
 
@@ -159,6 +160,15 @@ def main():
             figures[f"{name}_forward_ms"] = 1e3 * cpu_seconds(forward, x, w)
             figures[f"{name}_forward_backward_ms"] = 1e3 * cpu_seconds(both, x, w)
             outputs[name] = (forward(x, w), *both(x, w))
+        # The Winograd products alone, forward + backward (the ceiling with free transforms):
+        # 16 matrix products [tiles, in] x [in, out] and their two gradients.
+        tiles = n * ((h + 1) // 2) * ((wd + 1) // 2)
+        v = jnp.asarray(rng.standard_normal((16, tiles, c)), jnp.float32)
+        u = jnp.asarray(rng.standard_normal((16, c, out)), jnp.float32)
+        m_cot = jnp.asarray(rng.standard_normal((16, tiles, out)), jnp.float32)
+        products = jax.jit(jax.grad(lambda v, u, m_cot=m_cot: jnp.vdot(
+            jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,)))), m_cot), (0, 1)))
+        figures["winograd_products_only_forward_backward_ms"] = 1e3 * cpu_seconds(products, v, u)
         error = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
                     for a, b in zip(outputs["xla"], outputs["winograd"], strict=True))
         worst_error = max(worst_error, error)
@@ -180,6 +190,10 @@ def main():
                                        / totals["winograd_forward_ms"], 3),
         "total_forward_backward_speedup": round(totals["xla_forward_backward_ms"]
                                                 / totals["winograd_forward_backward_ms"], 3),
+        # The speed-up if the transforms cost nothing: the products alone against XLA's.
+        "total_products_only_speedup": round(
+            totals["xla_forward_backward_ms"]
+            / totals["winograd_products_only_forward_backward_ms"], 3),
         "max_relative_error": float(f"{worst_error:.2e}"),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }))
