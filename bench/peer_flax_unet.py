@@ -32,7 +32,11 @@ def main():
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    model = FlaxUNet2DConditionModel(**spec["unet"])
+    # The compute dtype as ours (parameters stay float32: init_weights keeps param_dtype).
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[spec.get("dtype", "float32")]
+    model = FlaxUNet2DConditionModel(
+        **spec["unet"], dtype=dtype,
+        use_memory_efficient_attention=spec.get("memory_efficient_attention", False))
     params = model.init_weights(jax.random.PRNGKey(0))
     batch, size, channels = spec["batch_size"], spec["image_size"], spec["unet"]["in_channels"]
     optim = spec["optim"]

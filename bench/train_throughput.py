@@ -191,9 +191,14 @@ class PeerProcess:
 
 
 def peer_spec(unet_kwargs: dict, optim, *, batch_size: int, image_size: int,
-              context_tokens: int) -> dict:
+              context_tokens: int, dtype: str = "float32",
+              memory_efficient_attention: bool = False) -> dict:
     return {"unet": unet_kwargs, "batch_size": batch_size, "image_size": image_size,
             "context_tokens": context_tokens,
+            # Our compute dtype (model.dtype); parameters and optimizer state stay float32 on
+            # both sides.
+            "dtype": dtype,
+            "memory_efficient_attention": memory_efficient_attention,
             # Our optimizer's settings (clip + AdamW + EMA); the schedule costs nothing.
             "optim": {"learning_rate": float(optim.learning_rate), "b1": float(optim.b1),
                       "b2": float(optim.b2), "weight_decay": float(optim.weight_decay),
@@ -258,6 +263,9 @@ def main():
     parser.add_argument("--peer_python", default=None,
                         help="an interpreter with diffusers 0.35.2 (default: create a venv "
                              "under --peer_cache)")
+    parser.add_argument("--peer_memory_efficient_attention", action="store_true",
+                        help="the peer's use_memory_efficient_attention (chunked attention, "
+                             "for inputs whose attention logits do not fit in memory)")
     parser.add_argument("--peer_cache", default=os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "t2i_bench"))
     args = parser.parse_args()
@@ -283,7 +291,8 @@ def main():
         # Started first: it compiles while ours does.
         peer = PeerProcess(python, peer_spec(
             peer_kwargs, config.optim, batch_size=batch_size, image_size=config.data.image_size,
-            context_tokens=config.model.text_encoder.max_length))
+            context_tokens=config.model.text_encoder.max_length, dtype=config.model.dtype,
+            memory_efficient_attention=args.peer_memory_efficient_attention))
     try:
         result = run_bench(args, config, batch_size, peer_size, peer)
         result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")

@@ -119,6 +119,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Compute dtype of the UNet and the text encoder ("float32" or "bfloat16"); parameters,
     # gradients and optimizer state stay float32.
     model.dtype = "float32"
+    # Which kernel computes the UNet's attention (same parameters and values): "auto" runs a
+    # heads-major formulation with a hand-written gradient on CPU, cuDNN's fused flash
+    # attention on NVIDIA GPUs for bf16/fp16 where it applies (XLA's elsewhere), XLA's on TPU;
+    # "xla", "cudnn" or "heads_major" force one.
+    model.attention = "auto"
     # A diffusers Stable Diffusion pipeline directory (model_index.json, unet/, vae/,
     # text_encoder/, tokenizer/, scheduler/) to fine-tune; "" trains from scratch in pixel space.
     # Its configs fix model.unet, model.text_encoder, the noise schedule and prediction type

@@ -23,7 +23,8 @@ def build_unet(model_config: ml_collections.ConfigDict, rngs: nnx.Rngs, *,
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     if remat is not None:
         kwargs["remat"] = remat
-    return UNet2DConditionModel(**kwargs, dtype=compute_dtype(model_config), rngs=rngs)
+    return UNet2DConditionModel(**kwargs, dtype=compute_dtype(model_config),
+                                attention=model_config.get("attention", "auto"), rngs=rngs)
 
 
 def abstract_unet(model_config: ml_collections.ConfigDict, *, remat: bool | None = None):

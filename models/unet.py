@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from models.logical_axes import EMBED, conv_kw, embed_kw, linear_kw, norm_kw
@@ -208,30 +209,74 @@ class Attention(nnx.Module):
         self.to_v = _linear(context_dim, inner_dim, use_bias=False, **kw)
         # Index 1 is diffusers' Dropout, kept so the output projection is `to_out.0`.
         self.to_out = nnx.List([_linear(inner_dim, query_dim, **kw), _dropout(dropout, rngs)])
+        # One of ATTENTION_IMPLEMENTATIONS; the UNet sets its own choice on every attention.
+        self.implementation = "auto"
 
     def __call__(self, x, context=None):
         context = x if context is None else context
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.dim_head)
         out = dot_product_attention(
-            split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+            split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)),
+            implementation=self.implementation,
         )
         out = self.to_out[0](out.reshape(*out.shape[:-2], self.heads * self.dim_head))
         return self.to_out[1](out)
 
 
-def dot_product_attention(query, key, value):
+# "auto": the heads-major formulation below on CPU; cuDNN's fused flash attention on an NVIDIA
+# GPU for bf16 / fp16 inputs it accepts, XLA's attention for any other; XLA's elsewhere (TPU).
+# "xla": jax.nn.dot_product_attention's XLA implementation. "cudnn": cuDNN's, an error where
+# it does not apply. "heads_major": the CPU formulation on any backend.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "heads_major")
+_HALF_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def dot_product_attention(query, key, value, implementation: str = "auto"):
     """softmax(q k^T / sqrt(d)) v over [batch, tokens, heads, head_dim], logits in float32.
 
-    On CPU a heads-major formulation with a hand-written gradient (`_heads_major_attention`);
-    elsewhere `jax.nn.dot_product_attention`, which may pick a fused kernel. Same values either
-    way (float rounding apart).
+    `implementation` is one of ATTENTION_IMPLEMENTATIONS. Same values whichever runs (float
+    rounding apart); "auto" picks by backend and dtype at trace time.
     """
-    if jax.default_backend() != "cpu":
-        # XLA's attention computes the logits and the softmax in float32 even for bf16 inputs.
-        return jax.nn.dot_product_attention(query, key, value)
-    heads_major = lambda t: t.transpose(0, 2, 1, 3)
-    out = _heads_major_attention(heads_major(query), heads_major(key), heads_major(value))
-    return heads_major(out)
+    if implementation == "auto":
+        backend = jax.default_backend()
+        if backend == "cpu":
+            implementation = "heads_major"
+        elif backend == "gpu" and query.dtype in _HALF_DTYPES:
+            try:
+                return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+            except (NotImplementedError, ValueError, RuntimeError) as error:
+                # A head width, sequence length or cuDNN version the fused kernel does not take.
+                _note_attention_fallback(query.shape, error)
+            implementation = "xla"
+        else:
+            implementation = "xla"
+    if implementation == "heads_major":
+        heads_major = lambda t: t.transpose(0, 2, 1, 3)
+        out = _heads_major_attention(heads_major(query), heads_major(key), heads_major(value))
+        return heads_major(out)
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"attention='cudnn' does not apply to queries of shape {query.shape} "
+                f"({query.dtype}) on {jax.default_backend()}: {error}") from None
+    if implementation != "xla":
+        raise ValueError(
+            f"attention={implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    # XLA's attention computes the logits and the softmax in float32 even for bf16 inputs.
+    return jax.nn.dot_product_attention(query, key, value, implementation="xla")
+
+
+_FALLBACKS_NOTED: set = set()
+
+
+def _note_attention_fallback(shape, error) -> None:
+    key = (tuple(shape), str(error))
+    if key not in _FALLBACKS_NOTED:
+        _FALLBACKS_NOTED.add(key)
+        logging.info("attention on queries %s: cuDNN's fused kernel does not apply (%s); "
+                     "XLA's attention instead", tuple(shape), error)
 
 
 # XLA CPU differentiates `jax.nn.dot_product_attention` into about a dozen passes over the
@@ -482,7 +527,9 @@ class UNet2DConditionModel(nnx.Module):
     Arguments carry diffusers' names and meanings; in particular `attention_head_dim` is the
     number of heads per block when `num_attention_heads` is None (diffusers' historical naming).
     `dtype` is the compute dtype, `param_dtype` the storage dtype; `remat` recomputes each
-    resnet and transformer block in the backward pass instead of storing its activations.
+    resnet and transformer block in the backward pass instead of storing its activations;
+    `attention` is one of ATTENTION_IMPLEMENTATIONS (which kernel computes the attention: the
+    parameters and values are the same).
     """
 
     def __init__(
@@ -521,8 +568,12 @@ class UNet2DConditionModel(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         remat: bool = False,
+        attention: str = "auto",
         rngs: nnx.Rngs,
     ):
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention={attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
         num_blocks = len(block_out_channels)
         down_block_types, up_block_types = tuple(down_block_types), tuple(up_block_types)
         if len(down_block_types) != num_blocks or len(up_block_types) != num_blocks:
@@ -708,6 +759,9 @@ class UNet2DConditionModel(nnx.Module):
 
         self.conv_norm_out = _group_norm(block_out_channels[0], norm_num_groups, norm_eps, **kw)
         self.conv_out = _conv(block_out_channels[0], out_channels * patch_size**2, 3, **kw)
+        for _, module in self.iter_modules():
+            if isinstance(module, Attention):
+                module.implementation = attention
 
     def __call__(self, sample, timesteps, encoder_hidden_states, class_labels=None):
         batch, height, width, _ = sample.shape
@@ -831,7 +885,8 @@ _INERT_DIFFUSERS_OPTIONS = {
 # here, by name, with the rest of a checkpoint's unsupported options.
 _IMPLEMENTED_VALUES = {"addition_embed_type": ADDITION_EMBED_TYPES}
 
-_OWN_KWARGS = ("coordinate_channels", "patch_size", "dtype", "param_dtype", "remat", "rngs")
+_OWN_KWARGS = ("coordinate_channels", "patch_size", "dtype", "param_dtype", "remat", "attention",
+               "rngs")
 
 
 def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:

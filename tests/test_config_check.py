@@ -38,6 +38,7 @@ def test_shipped_configs_are_valid():
          "x patch_size 3 (one downsample per UNet level after the patch fold)"),
         ("model.text_encoder.tokenizer", "words", "config.model.text_encoder.tokenizer='words'"),
         ("model.text_encoder.bpe_vocab_size", 100, "bpe_vocab_size=100 must be >= 260"),
+        ("model.attention", "flash", "config.model.attention='flash' is not allowed"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):

@@ -14,6 +14,8 @@ from flax import nnx
 
 from models.hf_weights import flat_param_names, load_torch_state_dict, to_torch_state_dict
 from models.unet import (
+    ATTENTION_IMPLEMENTATIONS,
+    Attention,
     Transformer2DModel,
     UNet2DConditionModel,
     coordinate_grid,
@@ -126,6 +128,93 @@ def test_cpu_attention_matches_jax_attention_with_gradients(query_tokens, contex
     reference = jax.jit(loss(jax.nn.dot_product_attention))(query, key, value)
     for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _attention_inputs(dtype=jnp.float32):
+    rng = np.random.default_rng(1)
+    return tuple(jnp.asarray(rng.standard_normal((2, 6, 3, 8)), dtype) for _ in range(3))
+
+
+def _recording_jax_attention(monkeypatch, cudnn_error=None):
+    """Replaces jax.nn.dot_product_attention with a recorder of the `implementation` asked for;
+    "cudnn" raises `cudnn_error` when given (what jax raises for inputs cuDNN does not take)."""
+    real, asked = jax.nn.dot_product_attention, []
+
+    def recorder(query, key, value, implementation=None):
+        asked.append(implementation)
+        if implementation == "cudnn" and cudnn_error is not None:
+            raise cudnn_error
+        return real(query, key, value)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorder)
+    return asked
+
+
+@pytest.mark.parametrize("backend,dtype,cudnn_error,expected", [
+    ("cpu", jnp.bfloat16, None, []),  # the heads-major formulation, no jax attention
+    ("gpu", jnp.bfloat16, None, ["cudnn"]),
+    ("gpu", jnp.float16, None, ["cudnn"]),
+    # A head width the fused kernel does not take: XLA's attention instead.
+    ("gpu", jnp.bfloat16, NotImplementedError("The head dim must be <= 128"), ["cudnn", "xla"]),
+    ("gpu", jnp.float32, None, ["xla"]),  # cuDNN's kernel is half precision only
+    ("tpu", jnp.bfloat16, None, ["xla"]),
+])
+def test_auto_attention_picks_by_backend_and_dtype(monkeypatch, backend, dtype, cudnn_error,
+                                                   expected):
+    asked = _recording_jax_attention(monkeypatch, cudnn_error)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    query, key, value = _attention_inputs(dtype)
+    out = dot_product_attention(query, key, value, implementation="auto")
+    assert asked == expected
+    reference = np.asarray(_heads_major(query, key, value), np.float32)
+    np.testing.assert_allclose(np.asarray(out, np.float32), reference, rtol=2e-2, atol=2e-2)
+
+
+def _heads_major(query, key, value):
+    return dot_product_attention(query, key, value, implementation="heads_major")
+
+
+def test_forced_attention_implementations(monkeypatch):
+    query, key, value = _attention_inputs()
+    reference = np.asarray(_heads_major(query, key, value))
+    asked = _recording_jax_attention(monkeypatch)
+    np.testing.assert_allclose(dot_product_attention(query, key, value, implementation="xla"),
+                               reference, rtol=1e-5, atol=1e-5)
+    assert asked == ["xla"]
+    # cuDNN's kernel where it does not apply (here: float32 on CPU) is an error naming it.
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="attention='cudnn' does not apply"):
+        dot_product_attention(query, key, value, implementation="cudnn")
+    with pytest.raises(ValueError, match="is not one of"):
+        dot_product_attention(query, key, value, implementation="flash")
+
+
+def test_unet_sets_its_attention_on_every_attention_layer():
+    for implementation in ATTENTION_IMPLEMENTATIONS:
+        model = _abstract_unet(TINY, attention=implementation)
+        layers = [m for _, m in model.iter_modules() if isinstance(m, Attention)]
+        assert layers and {layer.implementation for layer in layers} == {implementation}
+    with pytest.raises(ValueError, match="attention='flash' is not one of"):
+        _abstract_unet(TINY, attention="flash")
+
+
+def test_config_attention_reaches_the_unet():
+    from configs import tiny
+    from models.factory import build_unet
+
+    config = tiny.get_config()
+    config.model.attention = "xla"
+    model = nnx.eval_shape(lambda: build_unet(config.model, nnx.Rngs(0)))
+    assert {m.implementation for _, m in model.iter_modules() if isinstance(m, Attention)} == {
+        "xla"}
+
+
+def test_unet_output_is_the_same_with_xla_attention(tiny_unet):
+    sample, timesteps, context = _inputs(TINY)
+    xla = _fill_params(_abstract_unet(TINY, attention="xla"), seed=0)
+    np.testing.assert_allclose(np.asarray(_apply(xla, sample, timesteps, context)),
+                               np.asarray(_apply(tiny_unet, sample, timesteps, context)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_structure_and_state():

@@ -22,7 +22,7 @@ from diffusion.timestep_sampling import TIMESTEP_SAMPLINGS
 from models.logical_axes import LOGICAL_AXES
 from models.lora import check_lora_config
 from models.text_encoder import DEMO_TOKENIZERS, TEXT_ENCODER_KINDS
-from models.unet import ADDITION_EMBED_TYPES, RESNET_TIME_SCALE_SHIFTS
+from models.unet import ADDITION_EMBED_TYPES, ATTENTION_IMPLEMENTATIONS, RESNET_TIME_SCALE_SHIFTS
 from train.sharding import MESH_AXES
 from train.state import LR_DECAYS
 
@@ -193,6 +193,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.model.unet.addition_embed_type_num_heads={heads!r} must divide "
             f"cross_attention_dim={unet.cross_attention_dim} (the text pooling's heads)")
     _choice("model.dtype", model.dtype, DTYPES)
+    _choice("model.attention", model.get("attention", "auto"), ATTENTION_IMPLEMENTATIONS)
     if not isinstance(unet.get("remat", False), bool):
         raise ConfigError(f"config.model.unet.remat={unet.remat!r} must be True or False")
 
