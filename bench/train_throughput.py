@@ -8,7 +8,9 @@ The step is the training step, built by `train.setup.build_run` exactly as `pyth
 builds it (mesh, FSDP rules, sharded state, donation). Reported: `step_s`, `images_per_s`,
 `gflops_per_step` (XLA's count for the whole step, all devices), `peak_fraction` (achieved
 FLOP/s over the float32 matmul peak of the same devices, measured in the same command, so a
-busy shared machine weighs on both), `mfu` (over the device's bf16 table peak, accelerators
+busy shared machine weighs on both), `model_gflops_per_step` (the matrix work counted from
+the step's jaxpr by `train.mfu.jaxpr_matmul_flops`: matmuls, convolutions, fused attention,
+the same on every backend), `mfu` (that over the device's bf16 table peak, accelerators
 only) and `peak_memory_mb` (per device: the allocator's peak where the backend reports one,
 else the compiled step's own figure).
 
@@ -367,6 +369,7 @@ def run_bench(args, config, batch_size: int, peer_size: bool, peer) -> dict:
     matmul_peak = median([r["matmul_peak"] for r in rounds])
 
     flops = run.figures.get("flops_per_step_per_device", 0.0) * mesh.size
+    model_flops = run.figures.get("model_flops_per_step_per_device", 0.0) * mesh.size
     stats = devices[0].memory_stats() or {}
     peak_memory = stats.get("peak_bytes_in_use", run.figures.get("memory_bytes_per_device", 0))
     table_peak = peak_flops_per_device(devices[0])
@@ -392,7 +395,12 @@ def run_bench(args, config, batch_size: int, peer_size: bool, peer) -> dict:
         "achieved_gflops_per_s": round(flops / step_s / 1e9, 1),
         "matmul_peak_gflops_per_s": round(matmul_peak / 1e9, 1),
         "peak_fraction": round(flops / step_s / matmul_peak, 3),
-        "mfu": round(flops / step_s / (table_peak * mesh.size), 3) if table_peak else None,
+        # The step's matrix work counted from its jaxpr (matmuls, convolutions, attention),
+        # the same on every backend; MFU divides it by the accelerator's table peak.
+        "model_gflops_per_step": round(model_flops / 1e9, 2),
+        "mfu": (round(model_flops / step_s / (table_peak * mesh.size), 3) if table_peak
+                else None),
+        "model_tflops_per_s_per_device": round(model_flops / step_s / mesh.size / 1e12, 3),
         "peak_memory_mb": round(peak_memory / 2**20, 1),
         "compile_s": round(run.figures["compile_seconds"], 1),
     }

@@ -62,3 +62,15 @@ def test_fsdp_and_replicated_give_the_same_update(fsdp_run):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     for a, b in zip(leaves(fsdp_state.ema_params), leaves(rep_state.ema_params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_model_flops_are_the_global_step_split_over_devices(fsdp_run):
+    replicated_run = tiny_run()
+    model = [run.figures["model_flops_per_step_per_device"] * run.mesh.size
+             for run in (fsdp_run, replicated_run)]
+    # One global program, however it is sharded.
+    assert model[0] == model[1] > 0
+    # XLA's CPU count of the data-parallel program (its matrix work plus elementwise work,
+    # per device) agrees to within a few tens of percent: the jaxpr walk misses no big part.
+    xla = replicated_run.figures["flops_per_step_per_device"] * replicated_run.mesh.size
+    assert 0.7 < model[1] / xla < 1.4

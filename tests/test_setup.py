@@ -11,7 +11,12 @@ from flax import nnx
 
 from models.factory import build_frozen_text_encoder, build_unet
 from tests.train_runs import tiny_config
-from train.mfu import measured_matmul_peak, peak_flops_per_device
+from train.mfu import (
+    attention_flops,
+    jaxpr_matmul_flops,
+    measured_matmul_peak,
+    peak_flops_per_device,
+)
 from train.setup import build_run
 from train.sharding import make_mesh, mesh_spec, param_shardings
 from train.state import learning_rate_schedule
@@ -122,3 +127,52 @@ def test_peak_flops_table(kind, peak):
 def test_measured_matmul_peak_is_a_plausible_rate():
     peak = measured_matmul_peak(size=256, repeats=3)
     assert 1e8 < peak < 1e14
+
+
+def _conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_model_flops_of_dots_and_convolutions():
+    count = lambda f, *args: jaxpr_matmul_flops(jax.make_jaxpr(f)(*args))
+    a, b = jnp.ones((3, 4)), jnp.ones((4, 5))
+    assert count(jnp.matmul, a, b) == 2 * 3 * 4 * 5
+    batched = jnp.ones((7, 3, 4))
+    assert count(lambda x: jnp.einsum("bij,bkj->bik", x, x), batched) == 2 * 7 * 3 * 3 * 4
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+    forward = count(_conv, x, w)
+    assert forward == 2 * (2 * 8 * 8 * 5) * (3 * 3 * 3)
+    # The backward pass: an input-gradient and a weight-gradient convolution, each the
+    # forward's size.
+    assert count(jax.grad(lambda x, w: _conv(x, w).sum(), (0, 1)), x, w) == 3 * forward
+    grouped = jnp.ones((3, 3, 1, 6))  # depthwise-style: 3 groups of 1 input feature
+    assert count(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=3), x, grouped) == 2 * (2 * 8 * 8 * 6) * (3 * 3 * 1)
+
+
+def test_model_flops_through_nested_jaxprs():
+    count = lambda f, *args: jaxpr_matmul_flops(jax.make_jaxpr(f)(*args))
+    a = jnp.ones((4, 4))
+    one = 2 * 4 * 4 * 4
+    assert count(jax.jit(lambda x: x @ x), a) == one
+    assert count(jax.checkpoint(lambda x: x @ x), a) == one
+    assert count(lambda x: jax.lax.scan(lambda c, _: (c @ c, None), x, None, length=5)[0],
+                 a) == 5 * one
+    # A cond runs one branch: its costliest is counted.
+    assert count(lambda p, x: jax.lax.cond(p, lambda x: x @ x @ x, lambda x: x, x),
+                 True, a) == 2 * one
+
+
+@pytest.mark.parametrize("layout", [0, 1])
+def test_fused_attention_flops(layout):
+    batch, queries, keys, heads, head_dim = 2, 64, 16, 4, 8
+    order = (lambda t: (batch, t, heads, head_dim)) if layout == 0 else (
+        lambda t: (batch, heads, t, head_dim))
+    forward = attention_flops("dot_product_attention_fwd_wrapper", order(queries), order(keys),
+                              layout)
+    # Q K^T and P V: 2 products of batch x heads x queries x keys x head_dim multiply-adds.
+    assert forward == 2 * 2 * batch * heads * queries * keys * head_dim
+    assert attention_flops("dot_product_attention_bwd_wrapper", order(queries), order(keys),
+                           layout) == 2 * forward

@@ -105,8 +105,11 @@ def format_plan(plan: dict) -> str:
     if "memory_bytes_per_device" in plan:
         lines.append(f"compiled step memory per device: "
                      f"{plan['memory_bytes_per_device'] / mib:.1f} MiB")
+    if "model_flops_per_step_per_device" in plan:
+        lines.append(f"model FLOPs per step per device (matmuls, convolutions, attention): "
+                     f"{plan['model_flops_per_step_per_device']:.4g}")
     if "flops_per_step_per_device" in plan:
-        lines.append(f"FLOPs per step per device: {plan['flops_per_step_per_device']:.4g}")
+        lines.append(f"XLA's FLOPs per step per device: {plan['flops_per_step_per_device']:.4g}")
     lines.append(f"first batch: images {plan['first_batch']['images']}, input_ids "
                  f"{plan['first_batch']['input_ids']} (this process)")
     lines.append(f"checkpoints: {plan['checkpoint_dir']} (latest step: {plan['latest_step']})")
@@ -216,7 +219,8 @@ def _train_loop(config, workdir, *, state, compiled_step, text_params, extra_inp
     global_batch = train_cfg.global_batch_size
     num_steps = train_cfg.num_train_steps
     max_in_a_row = train_cfg.get("max_consecutive_nonfinite", 0)
-    flops = cost.get("flops_per_step_per_device")
+    # MFU counts the model's matrix work (the same on every backend), not XLA's estimate.
+    flops = cost.get("model_flops_per_step_per_device") or cost.get("flops_per_step_per_device")
     # On CPU a small matmul keeps the peak measurement to a fraction of a second.
     peak, peak_source = mfu.device_peak_flops(size=1024, repeats=5) if flops else (None, "")
     if peak:

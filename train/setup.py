@@ -40,6 +40,7 @@ from models.factory import (
 )
 from models.lora import init_lora_params, merge_params
 from models.pretrained import load_unet_params, resolve_pretrained_config
+from train.mfu import jaxpr_matmul_flops
 from train.sharding import (
     DEFAULT_RULES,
     batch_sharding,
@@ -269,18 +270,24 @@ def build_run(
             init_future = pool.submit(load_state, rng)
         elif init:
             init_future = pool.submit(jitted_init.lower(rng).compile)
+        model_flops = None
         if compile:
-            compiled_step = train_step.lower(
+            traced = train_step.trace(
                 _abstract(abstract_state, state_shardings),
                 _abstract(text_params, text_shardings),
                 abstract_batch,
                 *(() if vae is None else (_abstract(vae_params, vae_shardings),)),
                 *(() if unet_base is None else (_abstract(unet_base, base_shardings),)),
-            ).compile()
+            )
+            model_flops = jaxpr_matmul_flops(traced.jaxpr)
+            compiled_step = traced.lower().compile()
         if init_future is not None:
             state = (init_future.result() if state_from_pretrained
                      else init_future.result()(rng))
     figures = compiled_figures(compiled_step) if compile else {}
+    if model_flops is not None:
+        # The whole batch's matrix work (the global program), shared by the devices.
+        figures["model_flops_per_step_per_device"] = model_flops / mesh.size
     figures["compile_seconds"] = time.time() - start
     figures["unet_params"] = int(
         sum(x.size for x in jax.tree_util.tree_leaves(abstract_state.params)))
