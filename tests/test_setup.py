@@ -176,3 +176,15 @@ def test_fused_attention_flops(layout):
     assert forward == 2 * 2 * batch * heads * queries * keys * head_dim
     assert attention_flops("dot_product_attention_bwd_wrapper", order(queries), order(keys),
                            layout) == 2 * forward
+
+
+def test_model_flops_leave_out_remat_recomputation():
+    figures = []
+    for remat in (False, True):
+        config = tiny_config()
+        config.model.unet.remat = remat
+        run = build_run(config, make_mesh(config.mesh.shape), workdir=None, init=False,
+                        compile=False)
+        figures.append(run.figures["model_flops_per_step_per_device"])
+    # Remat recomputes the forward pass in the backward one; MFU counts the model's work once.
+    assert figures[0] == figures[1] > 0

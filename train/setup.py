@@ -234,8 +234,7 @@ def build_run(
         "input_ids": jax.ShapeDtypeStruct(
             (global_batch, tokenizer.max_length), jnp.int32, sharding=data_sharding),
     }
-    step_fn = make_train_step(
-        unet_graphdef=unet_graphdef,
+    step_kwargs = dict(
         encode_text=encode_text,
         schedule=schedule,
         optimizer=optimizer,
@@ -249,6 +248,7 @@ def build_run(
         noise_offset=float(config.diffusion.get("noise_offset", 0.0)),
         low_res=low_res_from_config(config.model),
     )
+    step_fn = make_train_step(unet_graphdef=unet_graphdef, **step_kwargs)
     extra_shardings = () if vae is None else (vae_shardings,)
     if lora_kw:
         extra_shardings = (*extra_shardings, base_shardings)
@@ -270,24 +270,29 @@ def build_run(
             init_future = pool.submit(load_state, rng)
         elif init:
             init_future = pool.submit(jitted_init.lower(rng).compile)
-        model_flops = None
+        abstract_args = (
+            _abstract(abstract_state, state_shardings),
+            _abstract(text_params, text_shardings),
+            abstract_batch,
+            *(() if vae is None else (_abstract(vae_params, vae_shardings),)),
+            *(() if unet_base is None else (_abstract(unet_base, base_shardings),)),
+        )
+        traced = train_step.trace(*abstract_args) if compile else None
         if compile:
-            traced = train_step.trace(
-                _abstract(abstract_state, state_shardings),
-                _abstract(text_params, text_shardings),
-                abstract_batch,
-                *(() if vae is None else (_abstract(vae_params, vae_shardings),)),
-                *(() if unet_base is None else (_abstract(unet_base, base_shardings),)),
-            )
-            model_flops = jaxpr_matmul_flops(traced.jaxpr)
             compiled_step = traced.lower().compile()
+        # Model FLOPs: the step's matrix work, without what remat recomputes (the same step
+        # traced with the UNet's plain graph when remat is on).
+        if config.model.unet.get("remat", False) or traced is None:
+            plain_step = make_train_step(unet_graphdef=sample_unet_graphdef, **step_kwargs)
+            count_jaxpr = jax.make_jaxpr(plain_step)(*abstract_args)
+        else:
+            count_jaxpr = traced.jaxpr
         if init_future is not None:
             state = (init_future.result() if state_from_pretrained
                      else init_future.result()(rng))
     figures = compiled_figures(compiled_step) if compile else {}
-    if model_flops is not None:
-        # The whole batch's matrix work (the global program), shared by the devices.
-        figures["model_flops_per_step_per_device"] = model_flops / mesh.size
+    # The whole batch's matrix work (the global program), shared by the devices.
+    figures["model_flops_per_step_per_device"] = jaxpr_matmul_flops(count_jaxpr) / mesh.size
     figures["compile_seconds"] = time.time() - start
     figures["unet_params"] = int(
         sum(x.size for x in jax.tree_util.tree_leaves(abstract_state.params)))
