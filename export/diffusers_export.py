@@ -36,8 +36,9 @@ MODEL_INDEX = "model_index.json"
 DIFFUSERS_VERSION = "0.42.1"
 # Our UNet options diffusers' UNet2DConditionModel cannot represent, with their "off" value.
 NOT_IN_DIFFUSERS = {"patch_size": 1, "coordinate_channels": False}
-# Options that change how we train, not the function the network computes.
-_TRAINING_ONLY = ("remat",)
+# Options that change how we train or which kernel computes, not the function the network
+# computes.
+_TRAINING_ONLY = ("remat", "attention")
 _NOT_CONFIG = ("self", "dtype", "param_dtype", "rngs")
 
 
