@@ -17,7 +17,7 @@ LOGICAL_AXES = (EMBED, MLP, VOCAB, NORM)
 
 
 def _names(*names):
-    return {"sharding_names": tuple(names), "eager_sharding": False}
+    return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
 def linear_kw() -> dict:

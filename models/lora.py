@@ -67,8 +67,8 @@ def _low_rank(in_features: int, rank: int, out_features: int, *, dtype, param_dt
         in_features, rank, out_features, dtype=dtype, param_dtype=param_dtype,
         a_initializer=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
         b_initializer=nnx.initializers.zeros,
-        a_metadata={"sharding_names": (EMBED, None), "eager_sharding": False, **extra},
-        b_metadata={"sharding_names": (None, MLP), "eager_sharding": False, **extra},
+        a_metadata={"out_sharding": (EMBED, None), "eager_sharding": False, **extra},
+        b_metadata={"out_sharding": (None, MLP), "eager_sharding": False, **extra},
         rngs=rngs,
     )
 

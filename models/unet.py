@@ -129,7 +129,7 @@ class AttentionPooling(nnx.Module):
         # `pool.positional_embedding` (no `.weight`); initialised as diffusers does.
         self.positional_embedding = nnx.Param(
             jax.random.normal(rngs.params(), (1, embed_dim), param_dtype) / embed_dim**0.5,
-            sharding_names=(None, EMBED), eager_sharding=False,
+            out_sharding=(None, EMBED), eager_sharding=False,
         )
         self.k_proj = _linear(embed_dim, embed_dim, **kw)
         self.q_proj = _linear(embed_dim, embed_dim, **kw)
@@ -759,7 +759,7 @@ class UNet2DConditionModel(nnx.Module):
 
         self.conv_norm_out = _group_norm(block_out_channels[0], norm_num_groups, norm_eps, **kw)
         self.conv_out = _conv(block_out_channels[0], out_channels * patch_size**2, 3, **kw)
-        for _, module in self.iter_modules():
+        for _, module in nnx.iter_modules(self):
             if isinstance(module, Attention):
                 module.implementation = attention
 

@@ -192,7 +192,7 @@ def test_forced_attention_implementations(monkeypatch):
 def test_unet_sets_its_attention_on_every_attention_layer():
     for implementation in ATTENTION_IMPLEMENTATIONS:
         model = _abstract_unet(TINY, attention=implementation)
-        layers = [m for _, m in model.iter_modules() if isinstance(m, Attention)]
+        layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, Attention)]
         assert layers and {layer.implementation for layer in layers} == {implementation}
     with pytest.raises(ValueError, match="attention='flash' is not one of"):
         _abstract_unet(TINY, attention="flash")
@@ -205,7 +205,7 @@ def test_config_attention_reaches_the_unet():
     config = tiny.get_config()
     config.model.attention = "xla"
     model = nnx.eval_shape(lambda: build_unet(config.model, nnx.Rngs(0)))
-    assert {m.implementation for _, m in model.iter_modules() if isinstance(m, Attention)} == {
+    assert {m.implementation for _, m in nnx.iter_modules(model) if isinstance(m, Attention)} == {
         "xla"}
 
 
@@ -289,13 +289,13 @@ def test_gradients_reach_every_parameter_with_remat_and_equal_plain_ones():
         loss = lambda m: jnp.mean(m(sample, jnp.float32(250.0), context) ** 2)
         return nnx.grad(loss)(model)
 
-    flat = grads(model).flat_state()
+    flat = nnx.to_flat_state(grads(model))
     assert len(flat) == len(flat_param_names(model))
     zero = [".".join(map(str, path)) for path, g in flat if not np.any(np.asarray(g.get_value()))]
     assert not zero, f"parameters without gradient: {zero}"
     assert all(np.isfinite(np.asarray(g.get_value())).all() for _, g in flat)
     # Recomputing activations in the backward pass changes memory, not the gradient.
-    for (path, g), (_, g_plain) in zip(flat, grads(plain).flat_state(), strict=True):
+    for (path, g), (_, g_plain) in zip(flat, nnx.to_flat_state(grads(plain)), strict=True):
         np.testing.assert_allclose(np.asarray(g.get_value()), np.asarray(g_plain.get_value()),
                                    rtol=1e-5, atol=1e-7, err_msg=str(path))
 

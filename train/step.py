@@ -141,12 +141,12 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         ema_params = ema_update(
             state.ema_params, params, ema_decay_at(state.step, ema_decay))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         # The update's norm catches an overflow in the optimizer (a huge learning rate) as well.
         # (One norm, not an isfinite per leaf: a reduction per leaf multiplied the compile
         # time of the tiny step by seven.)
         finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                  & jnp.isfinite(optax.global_norm(updates)))
+                  & jnp.isfinite(optax.tree.norm(updates)))
         keep_new = lambda new, old: jax.tree_util.tree_map(
             lambda n, o: jnp.where(finite, n, o), new, old)
         skipped = state.skipped_nonfinite + (~finite).astype(jnp.int32)
