@@ -224,8 +224,10 @@ def split_cpu_before_backend_starts(host_devices: int, batch_size: int) -> None:
     import model modules (configs/demo.py imports models.lora) import jax, which
     split_host_cpu refuses. Nothing has started a backend yet then, so the flags still apply.
     """
-    from train.host_devices import apply_cpu_devices_flag
+    from train.host_devices import accelerator_present, apply_cpu_devices_flag
 
+    if accelerator_present():  # the split is for CPU hosts only
+        return
     jax_module = sys.modules.get("jax")
     if jax_module is not None:
         from jax._src import xla_bridge
