@@ -229,6 +229,8 @@ class Attention(nnx.Module):
 # it does not apply. "heads_major": the CPU formulation on any backend.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "heads_major")
 _HALF_DTYPES = (jnp.bfloat16, jnp.float16)
+# What jax raises, at trace time, for inputs or a setup cuDNN's fused kernel does not take.
+_CUDNN_REFUSALS = (NotImplementedError, ValueError, RuntimeError)
 
 
 def dot_product_attention(query, key, value, implementation: str = "auto"):
@@ -244,8 +246,7 @@ def dot_product_attention(query, key, value, implementation: str = "auto"):
         elif backend == "gpu" and query.dtype in _HALF_DTYPES:
             try:
                 return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
-            except (NotImplementedError, ValueError, RuntimeError) as error:
-                # A head width, sequence length or cuDNN version the fused kernel does not take.
+            except _CUDNN_REFUSALS as error:  # a head width, length or cuDNN version
                 _note_attention_fallback(query.shape, error)
             implementation = "xla"
         else:
@@ -257,7 +258,7 @@ def dot_product_attention(query, key, value, implementation: str = "auto"):
     if implementation == "cudnn":
         try:
             return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
-        except (NotImplementedError, ValueError, RuntimeError) as error:
+        except _CUDNN_REFUSALS as error:
             raise ValueError(
                 f"attention='cudnn' does not apply to queries of shape {query.shape} "
                 f"({query.dtype}) on {jax.default_backend()}: {error}") from None

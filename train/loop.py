@@ -220,7 +220,7 @@ def _train_loop(config, workdir, *, state, compiled_step, text_params, extra_inp
     num_steps = train_cfg.num_train_steps
     max_in_a_row = train_cfg.get("max_consecutive_nonfinite", 0)
     # MFU counts the model's matrix work (the same on every backend), not XLA's estimate.
-    flops = cost.get("model_flops_per_step_per_device") or cost.get("flops_per_step_per_device")
+    flops = cost.get("model_flops_per_step_per_device")
     # On CPU a small matmul keeps the peak measurement to a fraction of a second.
     peak, peak_source = mfu.device_peak_flops(size=1024, repeats=5) if flops else (None, "")
     if peak:

@@ -277,16 +277,17 @@ def build_run(
             *(() if vae is None else (_abstract(vae_params, vae_shardings),)),
             *(() if unet_base is None else (_abstract(unet_base, base_shardings),)),
         )
-        traced = train_step.trace(*abstract_args) if compile else None
+        # Model FLOPs count the step's matrix work without what remat recomputes: with remat
+        # on (or nothing traced for compiling) the step is traced with the UNet's plain graph.
+        count_jaxpr = None
         if compile:
+            traced = train_step.trace(*abstract_args)
             compiled_step = traced.lower().compile()
-        # Model FLOPs: the step's matrix work, without what remat recomputes (the same step
-        # traced with the UNet's plain graph when remat is on).
-        if config.model.unet.get("remat", False) or traced is None:
+            if not config.model.unet.get("remat", False):
+                count_jaxpr = traced.jaxpr
+        if count_jaxpr is None:
             plain_step = make_train_step(unet_graphdef=sample_unet_graphdef, **step_kwargs)
             count_jaxpr = jax.make_jaxpr(plain_step)(*abstract_args)
-        else:
-            count_jaxpr = traced.jaxpr
         if init_future is not None:
             state = (init_future.result() if state_from_pretrained
                      else init_future.result()(rng))
